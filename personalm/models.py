@@ -1,0 +1,107 @@
+"""Loading causal LMs and tokenizers (Hub id, local folder, or the embedded default) and LoRA."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from personalm import embedded
+
+log = logging.getLogger(__name__)
+
+# Llama's attention and MLP projections; other architectures name theirs differently (set target_modules).
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft; defaults are the paper's (r 64, alpha 16, dropout 0.1)."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    merge_on_export: bool = True
+    """Export merged weights (a plain HF model). False exports the adapter only (loads with peft)."""
+
+
+def resolve(name_or_path: str) -> str:
+    """``embedded:<name>`` -> its shipped folder; a local folder -> itself; anything else is a Hub id."""
+    if embedded.is_embedded(name_or_path):
+        return str(embedded.model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    return str(path) if path.exists() else name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with a pad token (EOS stands in where the model has none; padding is masked anyway)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no EOS token; responses must end in one")
+    return tok
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or (folder / "adapter_config.json").exists()
+
+
+def load_causal_lm(name_or_path: str, dtype: Optional[str] = None, lora: Optional[LoraSettings] = None,
+                   gradient_checkpointing: bool = False):
+    """A causal LM in train mode (transformers 5 returns eval mode), optionally wrapped with LoRA.
+
+    The embedded default has no weights on disk: it is initialised from its config under a fixed seed.
+    A folder holding a peft adapter (``adapter_config.json``) is loaded with its base model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    source = resolve(name_or_path)
+    folder = Path(source)
+    if embedded.is_embedded(name_or_path) and not _has_weights(folder):
+        config = AutoConfig.from_pretrained(source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(embedded.INIT_SEED)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    elif (folder / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=torch_dtype, is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora is not None and not hasattr(model, "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True):
+    """Save in Hugging Face format (``save_pretrained``): plain transformers (or peft) loads it back.
+
+    With LoRA and ``merge_lora`` the adapters are merged into the base weights in place (no second copy
+    of a 7B model in memory) and the merged, plain model is returned; use it instead of ``model`` after.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config") and merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return model
