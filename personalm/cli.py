@@ -17,6 +17,7 @@ class PersonalmCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("datamodule_class", ComPreDDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)  # modules own optimizer + schedule
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -27,6 +28,7 @@ class PersonalmCLI(LightningCLI):
 
 
 def main(args=None) -> PersonalmCLI:
-    import personalm.sft  # noqa: F401  (register the modules for short class names in configs)
+    import personalm.dpo  # noqa: F401  (register the modules for short class names in configs)
+    import personalm.sft  # noqa: F401
 
     return PersonalmCLI(args=args)

@@ -102,9 +102,31 @@ def load_split(dataset: str, subset: str, split: str, cache_dir: Optional[str] =
     parts = []
     for path in split_files(Path(dataset).expanduser(), subset, split):
         part = _load_file(path, cache_dir)
-        validate(part, schema, source=str(path))
-        parts.append(part.select_columns(list(part.column_names)))
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        validate(part, schema, source=str(path), jsonl=path if path.suffix != ".parquet" else None)
+        parts.append(_cast_to_schema(part, schema))
+    try:
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError as err:  # e.g. an extra column with different types in two shards
+        raise ComPreDDataError(f"shards of {subset}/{split} in {dataset} do not share one schema: {err}") from err
+
+
+_FEATURE = {"str": "string", "int": "int64", "float": "float64"}
+
+
+def _cast_to_schema(ds: datasets.Dataset, schema: dict) -> datasets.Dataset:
+    """Schema fields in their documented types, so shards that Arrow typed differently line up
+    (a float field holding only whole numbers in one file comes out as int64 there)."""
+    features = ds.features.copy()
+    changed = False
+    for name, kind in schema.items():
+        want = datasets.Value(_FEATURE[kind])
+        if features[name] != want:
+            features[name], changed = want, True
+    return ds.cast(features) if changed else ds
+
+
+def _schema_for(path: Path) -> dict:
+    return PROMPT_SCHEMA if path.parent.name.endswith("_test_prompts") else PREFERENCE_SCHEMA
 
 
 def _load_file(path: Path, cache_dir: Optional[str]) -> datasets.Dataset:
@@ -113,16 +135,21 @@ def _load_file(path: Path, cache_dir: Optional[str]) -> datasets.Dataset:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as err:  # Arrow's message names neither the line nor the field: find them
         if builder == "json":
-            problem = locate_jsonl_problem(path)
+            problem = locate_jsonl_problem(path, _schema_for(path))
             if problem:
                 raise ComPreDDataError(problem) from err
         raise ComPreDDataError(f"{path}: could not be read as {builder}: {err}") from err
 
 
-def locate_jsonl_problem(path: Path) -> Optional[str]:
-    """First malformed line, or field whose JSON type differs from the field's first value.
+def _matches(value, kind: str) -> bool:
+    return isinstance(value, _PY_TYPES[kind]) and not isinstance(value, bool)
 
-    Only called after Arrow failed to read the file, so streaming through it once is fine.
+
+def locate_jsonl_problem(path: Path, schema: Optional[dict] = None) -> Optional[str]:
+    """The first malformed line, missing field, null or wrongly typed value of a JSONL file.
+
+    Only called on the error path (Arrow failed, or a column came out with the wrong type), so
+    streaming through the file once is fine. Lines are counted from 1, as editors do.
     """
     first_types: dict[str, type] = {}
     with open(path, encoding="utf-8") as f:
@@ -135,8 +162,14 @@ def locate_jsonl_problem(path: Path) -> Optional[str]:
                 return f"{path}: line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
             if not isinstance(row, dict):
                 return f"{path}: line {lineno} is not a JSON object"
-            for key, value in row.items():
-                if value is None:
+            for key, kind in (schema or {}).items():
+                if key not in row or row[key] is None:
+                    return f"{path}: line {lineno}, field {key!r}: missing"
+                if not _matches(row[key], kind):
+                    return (f"{path}: line {lineno}, field {key!r}: wrong type: expected {kind}, found "
+                            f"{type(row[key]).__name__} ({row[key]!r:.60})")
+            for key, value in row.items():  # fields outside the schema: consistent types at least
+                if value is None or key in (schema or {}):
                     continue
                 kind = float if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value)
                 if first_types.setdefault(key, kind) is not kind:
@@ -161,7 +194,7 @@ def _arrow_kind(typ: pa.DataType) -> Optional[str]:
     return None
 
 
-def validate(ds: datasets.Dataset, schema: dict, source: str) -> None:
+def validate(ds: datasets.Dataset, schema: dict, source: str, jsonl: Optional[Path] = None) -> None:
     """Raise ``ComPreDDataError`` naming source, row (0-based, in that file) and field for schema problems.
 
     Schema problems are errors: a missing field, a null, a value of the wrong type, ``labels`` not 0/1.
@@ -178,6 +211,17 @@ def validate(ds: datasets.Dataset, schema: dict, source: str) -> None:
         if have == "null":
             raise ComPreDDataError(f"{source}: row 0, field {name!r}: missing (null in every row)")
         ok = have == kind or (kind == "float" and have == "int")
+        if not ok and kind == "int" and have == "float":  # 3.0 is fine; the first 3.5 is the culprit
+            frac = pc.not_equal(col, pc.floor(col))
+            ok = not pc.any(frac).as_py()
+            if not ok:
+                row = pc.index(frac, True).as_py()
+                raise ComPreDDataError(f"{source}: row {row}, field {name!r}: wrong type: expected int, "
+                                       f"found {col[row].as_py()!r}")
+        if not ok and jsonl is not None:  # JSON: Arrow widened the column for a few bad values; find them
+            problem = locate_jsonl_problem(jsonl, schema)
+            if problem:
+                raise ComPreDDataError(problem)
         if not ok:
             raise ComPreDDataError(
                 f"{source}: row 0, field {name!r}: wrong type: expected {kind}, found {col.type} "

@@ -187,31 +187,33 @@ class ComPreDDataModule(L.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------------
 
+    def collate_fn(self, split: str):
+        """The collate function for a split: prompts (left-padded), preference pairs or SFT rows."""
+        pad = self.tokenizer.pad_token_id
+        if split == compred.PROMPT_SPLIT:
+            return partial(collate_prompts, pad_id=pad)
+        if self.hparams.rows == "preference":
+            return partial(collate_preference, pad_id=pad)
+        return partial(collate_sft, pad_id=pad)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if split not in self.splits:
             self.splits[split] = self.prepare_split(split)
-        pad = self.tokenizer.pad_token_id
-        if split == compred.PROMPT_SPLIT:
-            collate = partial(collate_prompts, pad_id=pad)
-        elif self.hparams.rows == "preference":
-            collate = partial(collate_preference, pad_id=pad)
-        else:
-            collate = partial(collate_sft, pad_id=pad)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.hparams.num_workers)
-
-    @property
-    def _eval_bs(self) -> int:
-        return self.hparams.eval_batch_size or self.hparams.batch_size
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collate_fn(split), num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
         return self._loader("train_pref", True, self.hparams.batch_size)
 
     def val_dataloader(self):
-        return self._loader("validation_pref", False, self._eval_bs)
+        return self._loader("validation_pref", False, self.eval_batch_size)
 
     def test_dataloader(self):
-        return self._loader("test_pref", False, self._eval_bs)
+        return self._loader("test_pref", False, self.eval_batch_size)
 
     def predict_dataloader(self):
-        return self._loader(compred.PROMPT_SPLIT, False, self._eval_bs)
+        return self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)

@@ -68,7 +68,11 @@ class CausalLMModule(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             self.tokenizer = load_tokenizer(hp.model_name_or_path)
-            self.model = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.lora, hp.gradient_checkpointing)
+            self.model = self.load_model()
+
+    def load_model(self):
+        hp = self.hparams
+        return load_causal_lm(hp.model_name_or_path, hp.dtype, hp.lora, hp.gradient_checkpointing)
 
     # -- optimization -----------------------------------------------------------------------------
 
@@ -125,8 +129,9 @@ class CausalLMModule(L.LightningModule):
             return
         strategy = type(self.trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
-            rank_zero_warn(f"no Hugging Face export under {strategy}: the weights are sharded. Export from the "
-                           "checkpoint with `python -m personalm.export --ckpt <path> --out <dir>`.")
+            rank_zero_warn(f"no Hugging Face export under {strategy}: the weights are sharded. Consolidate the "
+                           "checkpoint (FSDP: state_dict_type 'full'; DeepSpeed: zero_to_fp32.py), load it into "
+                           "this module on one process and call personalm.models.export_hf.")
             return
         out = self.hparams.export_dir or str(Path(self.trainer.log_dir or ".") / "hf_model")
         if self.trainer.is_global_zero:

@@ -34,7 +34,8 @@ def resolve(name_or_path: str) -> str:
     if embedded.is_embedded(name_or_path):
         return str(embedded.model_dir(name_or_path))
     path = Path(name_or_path).expanduser()
-    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # Hub ids: org/name
+    if looks_local and not path.exists():
         raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     return str(path) if path.exists() else name_or_path
 
@@ -62,23 +63,41 @@ def load_causal_lm(name_or_path: str, dtype: Optional[str] = None, lora: Optiona
     The embedded default has no weights on disk: it is initialised from its config under a fixed seed.
     A folder holding a peft adapter (``adapter_config.json``) is loaded with its base model.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return _load("causal", name_or_path, dtype, lora, gradient_checkpointing)
 
+
+def load_reward_model(name_or_path: str, dtype: Optional[str] = None, lora: Optional[LoraSettings] = None,
+                      gradient_checkpointing: bool = False, pad_token_id: Optional[int] = None):
+    """A causal LM backbone with a scalar head (``AutoModelForSequenceClassification``, one label).
+
+    From a causal LM (e.g. an SFT export) the head is new (randomly initialised); from a saved reward
+    model it is the trained one. The head reads the last non-padding token, found with ``pad_token_id``.
+    """
+    return _load("reward", name_or_path, dtype, lora, gradient_checkpointing, pad_token_id)
+
+
+def _load(kind: str, name_or_path: str, dtype: Optional[str], lora: Optional[LoraSettings],
+          gradient_checkpointing: bool, pad_token_id: Optional[int] = None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    extra = {} if kind == "causal" else {"num_labels": 1, "pad_token_id": pad_token_id}
     torch_dtype = getattr(torch, dtype) if dtype else None
     source = resolve(name_or_path)
     folder = Path(source)
     if embedded.is_embedded(name_or_path) and not _has_weights(folder):
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **extra)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(embedded.INIT_SEED)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = auto.from_config(config, dtype=torch_dtype)
     elif (folder / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=torch_dtype, is_trainable=True)
+        peft_auto = AutoPeftModelForCausalLM if kind == "causal" else AutoPeftModelForSequenceClassification
+        model = peft_auto.from_pretrained(source, dtype=torch_dtype, is_trainable=True, **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model = auto.from_pretrained(source, dtype=torch_dtype, **extra)
+    if kind == "causal" and model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.pad_token_id
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -87,7 +106,7 @@ def load_causal_lm(name_or_path: str, dtype: Optional[str] = None, lora: Optiona
 
         model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type="CAUSAL_LM"))
+            task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
     model.train()
     return model
 

@@ -1,0 +1,352 @@
+"""DPO against a frozen reference, with per-community preference metrics and conditioning sensitivity."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from personalm.dpo_loss import check_dpo_args, dpo_loss, sequence_logprobs
+from personalm.lm_module import CausalLMModule
+from personalm.metrics import PreferenceMetrics
+from personalm.models import load_causal_lm, load_tokenizer, resolve
+
+STAGE_SPLIT = {"train": "train_pref", "val": "validation_pref", "test": "test_pref"}
+VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off (as trl does), so policy and reference agree at step 0 and the first loss is ln 2."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(getattr(model, "config", None), key):
+            setattr(model.config, key, 0.0)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Content fingerprint of a model's weights (names, shapes, dtypes, sums and leading values)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t.double().sum()):.10e}".encode())
+        h.update(t.flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class DPOModule(CausalLMModule):
+    """Direct Preference Optimization on ``ComPreDDataModule(rows="preference")`` batches.
+
+    Args:
+        beta: strength of the KL anchor to the reference (paper: 0.1).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge``; see ``personalm.dpo_loss``.
+        label_smoothing: conservative DPO's assumed label-noise rate e in [0, 0.5) (sigmoid only).
+        sft_weight: weight of an added NLL term on the chosen response (0: pure DPO).
+        reference: ``copy``: a frozen copy of the starting weights (the paper's). ``adapters_off``: with
+            LoRA, the policy with its adapters disabled: no second model in memory; only correct when
+            the SFT weights were merged into the base (an adapter-only SFT export is refused).
+        reference_name_or_path: reference weights if not the policy's starting point (must share the
+            tokenizer and vocabulary).
+        precompute_reference: score every pair with the reference once before training, cache the
+            log-probs on disk (keyed by data and reference fingerprints) and free the reference.
+        reference_cache: folder for those caches (default ``$PERSONALM_CACHE/reference_logps``).
+        disable_dropout: dropout off in policy and reference (recommended for DPO).
+        Other arguments: see ``CausalLMModule`` (paper's DPO: lr 2e-7, cosine, 1000 warmup steps).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        reference: Literal["copy", "adapters_off"] = "copy",
+        reference_name_or_path: Optional[str] = None,
+        precompute_reference: bool = False,
+        reference_cache: Optional[str] = None,
+        disable_dropout: bool = True,
+        **kwargs,
+    ):
+        check_dpo_args(beta, loss_type, label_smoothing)  # bad settings fail before anything loads
+        if reference == "adapters_off" and kwargs.get("lora") is None:
+            raise ValueError("reference: adapters_off needs LoRA (the policy's adapters are what it turns off)")
+        super().__init__(**kwargs)
+        self._frozen: list[nn.Module] = []  # the reference, kept out of the module tree: not in the
+        # optimizer, not in checkpoints, not wrapped by DDP
+        self._ref_logps: dict[str, dict[str, torch.Tensor]] = {}  # split -> variant -> [rows, 4]
+        self.metrics = nn.ModuleDict()
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if hp.reference == "adapters_off" and (Path(resolve(hp.model_name_or_path)) / "adapter_config.json").exists():
+            raise ValueError(
+                f"reference: adapters_off with an adapter-only SFT export ({hp.model_name_or_path}) would use the "
+                "base model before SFT as reference. Export the SFT model merged (lora.merge_on_export: true) "
+                "or use reference: copy.")
+        super().configure_model()
+        if hp.disable_dropout:
+            disable_dropout(self.model)
+        self._check_reference_tokenizer()
+
+    def _check_reference_tokenizer(self) -> None:
+        name = self.hparams.reference_name_or_path
+        if name is None:
+            return
+        ref_tok = load_tokenizer(name)
+        if ref_tok.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"reference {name} has another tokenizer/vocabulary than the policy "
+                             f"{self.hparams.model_name_or_path}: their log-probabilities are not comparable")
+
+    @property
+    def reference(self) -> Optional[nn.Module]:
+        """The frozen reference (loaded on first use; None for ``adapters_off``)."""
+        hp = self.hparams
+        if hp.reference == "adapters_off":
+            return None
+        if not self._frozen:
+            with self._rng_untouched():  # loading the reference must not change the training's randomness
+                ref = load_causal_lm(hp.reference_name_or_path or hp.model_name_or_path, hp.dtype)
+            if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
+                ref = ref.merge_and_unload()
+            if ref.get_input_embeddings().num_embeddings != self.model.get_input_embeddings().num_embeddings:
+                raise ValueError("reference and policy have different vocabulary sizes")
+            if hp.disable_dropout:
+                disable_dropout(ref)
+            self._frozen.append(ref.eval().requires_grad_(False))
+        ref = self._frozen[0]
+        if ref.device != self.device:
+            ref.to(self.device)
+        return ref
+
+    def _rng_untouched(self):
+        """Whatever runs inside leaves the global RNG as it found it (data order, dropout), so the same run
+        gives the same result with the reference loaded early, late, or precomputed."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def _free_reference(self) -> None:
+        self._frozen.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- log-probs ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _logps(model: nn.Module, seqs: dict):
+        logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits
+        return sequence_logprobs(logits, seqs["labels"])
+
+    @torch.no_grad()
+    def _reference_logps(self, seqs: dict):
+        if self.hparams.reference == "adapters_off":
+            was_training = self.model.training
+            self.model.eval()
+            with self.model.disable_adapter():
+                out = self._logps(self.model, seqs)
+            self.model.train(was_training)
+            return out
+        return self._logps(self.reference, seqs)
+
+    def _ref_table(self, seqs: dict) -> torch.Tensor:
+        """[2B] sums and [2B] means of the reference log-probs, as columns of a [2B, 2] tensor."""
+        out = self._reference_logps(seqs)
+        return torch.stack([out.sum, out.mean], dim=1)
+
+    def pair_losses(self, batch: dict, stage: str, variant: Optional[str] = None):
+        """Losses, rewards and policy log-probs for one batch of pairs (chosen rows, then rejected)."""
+        hp = self.hparams
+        seqs = batch if variant is None else batch[variant]
+        n = len(batch["community"])
+        policy = self._logps(self.model, seqs)
+        cached = self._ref_logps.get(STAGE_SPLIT[stage], {}).get(variant or "true")
+        if cached is not None:
+            rows = cached[batch["index"].cpu()].to(self.device)  # [B, 4]: c_sum, r_sum, c_mean, r_mean
+            ref = torch.cat([rows[:, [0, 2]], rows[:, [1, 3]]])
+        else:
+            ref = self._ref_table(seqs)
+        col = 1 if hp.loss_type == "ipo" else 0  # IPO on per-token means, the others on sums
+        pol = policy.mean if hp.loss_type == "ipo" else policy.sum
+        losses, chosen_r, rejected_r = dpo_loss(pol[:n], pol[n:], ref[:n, col], ref[n:, col],
+                                                hp.beta, hp.loss_type, hp.label_smoothing)
+        if hp.sft_weight:
+            losses = losses - hp.sft_weight * policy.mean[:n]
+        return losses, chosen_r, rejected_r, policy.sum[:n].detach(), policy.sum[n:].detach()
+
+    # -- precomputed reference ----------------------------------------------------------------------
+
+    def _precompute(self, stage: str) -> None:
+        """Score every pair of the stage's split with the reference once; cache on disk; all ranks."""
+        split = STAGE_SPLIT[stage]
+        dm = self.trainer.datamodule
+        if split in self._ref_logps or dm is None or split not in getattr(dm, "splits", {}):
+            return
+        ds = dm.splits[split]
+        variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in ds.column_names]
+        ref_name = self.hparams.reference_name_or_path or self.hparams.model_name_or_path
+        meta = {"data": ds._fingerprint, "rows": len(ds), "variants": variants,
+                "reference": model_fingerprint(self.reference) if self.hparams.reference == "copy"
+                else "adapters_off:" + model_fingerprint(self.model), "reference_name": ref_name}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+        folder = Path(self.hparams.reference_cache or Path(os.environ.get(
+            "PERSONALM_CACHE", Path.home() / ".cache" / "personalm")) / "reference_logps").expanduser()
+        path = folder / f"{split}-{key}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            found = {k: saved["meta"].get(k) for k in meta}
+            if found != meta:
+                raise ValueError(f"reference log-prob cache {path} was made for other data or another reference "
+                                 f"model ({found} != {meta}); delete it or point reference_cache elsewhere")
+            self._ref_logps[split] = saved["logps"]
+            rank_zero_info(f"[personalm] reference log-probs for {split} read from {path}")
+            return
+        table = self._score_split(ds, variants)
+        if self.trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save({"meta": meta, "logps": table}, tmp)
+            os.replace(tmp, path)
+            rank_zero_info(f"[personalm] reference log-probs for {len(ds)} {split} pairs cached in {path}")
+        self.trainer.strategy.barrier()
+        self._ref_logps[split] = table
+
+    @torch.no_grad()
+    def _score_split(self, ds, variants: list[str]) -> dict[str, torch.Tensor]:
+        """Each rank scores rows rank, rank + world, ...; an all-gather gives every rank the whole table."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        mine = list(range(rank, len(ds), world))
+        per_rank = -(-len(ds) // world)
+        mine += mine[-1:] * (per_rank - len(mine))  # equal lengths for all_gather
+        loader = DataLoader(Subset(ds, mine), batch_size=self.trainer.datamodule.eval_batch_size,
+                            collate_fn=self.trainer.datamodule.collate_fn("test_pref"))
+        parts = {v: [] for v in variants}
+        for batch in loader:
+            batch = self.trainer.strategy.batch_to_device(batch)
+            n = len(batch["community"])
+            for v in variants:
+                t = self._ref_table(batch if v == "true" else batch[v])
+                parts[v].append(torch.stack([t[:n, 0], t[n:, 0], t[:n, 1], t[n:, 1]], dim=1))
+        index = torch.tensor(mine, device=self.device)
+        all_index = self.all_gather(index).reshape(-1).cpu()
+        tables = {}
+        for v in variants:
+            values = self.all_gather(torch.cat(parts[v])).reshape(-1, 4).cpu()
+            table = torch.empty(len(ds), 4, dtype=torch.float32)
+            table[all_index] = values.float()
+            tables[v] = table
+        return tables
+
+    # -- Lightning hooks ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None or not hasattr(dm, "splits"):
+            return
+        from personalm.compred import communities
+
+        for stage, split in STAGE_SPLIT.items():
+            if split in dm.splits and f"{stage}_true" not in self.metrics:
+                names = communities(dm.splits[split])
+                self.metrics[f"{stage}_true"] = PreferenceMetrics(names)
+                if stage != "train" and "none_prompt_ids" in dm.splits[split].column_names:
+                    for v in VARIANTS:
+                        self.metrics[f"{stage}_{v}"] = PreferenceMetrics(names)
+
+    def _maybe_precompute(self, stages) -> None:
+        if self.hparams.precompute_reference:
+            with self._rng_untouched():  # the scoring DataLoader draws a seed from the global RNG
+                for stage in stages:
+                    self._precompute(stage)
+            if self.hparams.reference == "copy" and self._frozen:
+                self._free_reference()
+
+    def on_fit_start(self) -> None:
+        self._maybe_precompute(["train", "val"])
+
+    def on_validation_start(self) -> None:
+        self._maybe_precompute(["val"])
+
+    def on_test_start(self) -> None:
+        self._maybe_precompute(["test"])
+
+    def _step(self, batch: dict, stage: str):
+        out = self.pair_losses(batch, stage)
+        if f"{stage}_true" in self.metrics:
+            self.metrics[f"{stage}_true"].update(batch["community"], *out)
+        for v in VARIANTS:  # evaluation only: the same pairs with no community / a wrong one
+            if stage != "train" and v in batch and f"{stage}_{v}" in self.metrics:
+                self.metrics[f"{stage}_{v}"].update(batch["community"], *self.pair_losses(batch, stage, v))
+        return out
+
+    def training_step(self, batch, batch_idx):
+        losses, chosen_r, rejected_r, chosen_lp, rejected_lp = self._step(batch, "train")
+        loss = losses.mean()
+        n = len(losses)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({"train/rewards/chosen": chosen_r.mean(), "train/rewards/rejected": rejected_r.mean(),
+                       "train/rewards/margins": (chosen_r - rejected_r).mean(),
+                       "train/rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+                       "train/logps/chosen": chosen_lp.mean(), "train/logps/rejected": rejected_lp.mean()},
+                      batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def _log_metrics(self, stage: str, skip_overall: bool = False) -> dict:
+        """Compute (synced across processes by torchmetrics), log and reset; returns variant -> figures.
+
+        Names: ``val/rewards/accuracies``, ``val/rewards/accuracies/r_<community>``, ``.../macro``,
+        ``.../worst``; for the variants ``val/none/...`` and ``val/random/...``.
+        """
+        results = {}
+        for variant in ("true", *VARIANTS):
+            key = f"{stage}_{variant}"
+            if key not in self.metrics:
+                continue
+            values = self.metrics[key].compute()
+            self.metrics[key].reset()
+            if skip_overall:
+                values = {k: v for k, v in values.items() if "/r_" in k or k.endswith(("/macro", "/worst"))}
+            prefix = stage if variant == "true" else f"{stage}/{variant}"
+            if not self.trainer.sanity_checking:
+                self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
+            results[variant] = values
+        return results
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train", skip_overall=True)  # overall train figures are logged every step
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        write_test_metrics(self.trainer, self.hparams.model_name_or_path, self._log_metrics("test"))
+
+
+def write_test_metrics(trainer, model_name: str, results: dict) -> None:
+    """``<log_dir>/test_metrics.json``: ``{"model", "conditioning": {variant: {metric: value}}}``, written
+    atomically by the first process (the figures are already synced across processes)."""
+    if not trainer.is_global_zero or not trainer.log_dir:
+        return
+    path = Path(trainer.log_dir) / "test_metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"model": model_name, "conditioning": results}, indent=2))
+    os.replace(tmp, path)
+    rank_zero_info(f"[personalm] per-community test metrics written to {path}")

@@ -1,0 +1,32 @@
+"""Two CPU processes (gloo) with ``strategy: ddp``, launched the way a user launches them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO, scalars
+
+pytestmark = pytest.mark.slow
+
+
+def test_sft_fit_with_ddp_on_two_cpu_processes(small_compred, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "personalm", "fit", "--config", DEMO, f"--data.dataset={small_compred}",
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+           "--trainer.max_steps=12", "--trainer.val_check_interval=6", "--trainer.max_epochs=5",
+           "--data.batch_size=4", "--trainer.log_every_n_steps=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world_size: 2" in proc.stdout + proc.stderr or "MEMBER: 2/2" in proc.stdout + proc.stderr
+    versions = list((tmp_path / "lightning_logs").iterdir())
+    assert len(versions) == 1, versions  # one logger (rank 0), not one per process
+    log_dir = versions[0]
+    ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1 and "step=12" in ckpts[0].name, ckpts
+    found = scalars(log_dir)
+    assert len(found["val/loss"]) == 2 and len(found["train/loss"]) >= 3, found.keys()
+    assert (log_dir / "hf_model" / "config.json").is_file()
