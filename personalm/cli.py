@@ -29,6 +29,7 @@ class PersonalmCLI(LightningCLI):
 
 def main(args=None) -> PersonalmCLI:
     import personalm.dpo  # noqa: F401  (register the modules for short class names in configs)
+    import personalm.reward  # noqa: F401
     import personalm.sft  # noqa: F401
 
     return PersonalmCLI(args=args)

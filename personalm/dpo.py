@@ -14,12 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from personalm.dpo_loss import check_dpo_args, dpo_loss, sequence_logprobs
+from personalm.dpo_loss import check_dpo_args, dpo_loss, response_start, sequence_logprobs
 from personalm.lm_module import CausalLMModule
 from personalm.metrics import PreferenceMetrics
 from personalm.models import load_causal_lm, load_tokenizer, resolve
 
 STAGE_SPLIT = {"train": "train_pref", "val": "validation_pref", "test": "test_pref"}
+TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
 VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
 
 
@@ -50,7 +51,10 @@ class DPOModule(CausalLMModule):
         beta: strength of the KL anchor to the reference (paper: 0.1).
         loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge``; see ``personalm.dpo_loss``.
         label_smoothing: conservative DPO's assumed label-noise rate e in [0, 0.5) (sigmoid only).
-        sft_weight: weight of an added NLL term on the chosen response (0: pure DPO).
+        sft_weight: weight of an added NLL term (per-token mean) on the chosen response, as in RPO
+            (Pang et al. 2024); 0: pure DPO. It keeps the chosen responses likely, so generations stay
+            fluent. ``train/loss`` stays the preference loss alone (comparable across runs); the
+            minimised total is logged as ``train/objective``.
         reference: ``copy``: a frozen copy of the starting weights (the paper's). ``adapters_off``: with
             LoRA, the policy with its adapters disabled: no second model in memory; only correct when
             the SFT weights were merged into the base (an adapter-only SFT export is refused).
@@ -102,13 +106,31 @@ class DPOModule(CausalLMModule):
         self._check_reference_tokenizer()
 
     def _check_reference_tokenizer(self) -> None:
-        name = self.hparams.reference_name_or_path
-        if name is None:
+        name = self.reference_source
+        if name == self.hparams.model_name_or_path:
             return
         ref_tok = load_tokenizer(name)
         if ref_tok.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"reference {name} has another tokenizer/vocabulary than the policy "
                              f"{self.hparams.model_name_or_path}: their log-probabilities are not comparable")
+
+    @property
+    def reference_source(self) -> str:
+        """Where the reference comes from: ``reference_name_or_path`` if set; else, when evaluating a DPO
+        export, the reference it was trained against (recorded next to its weights); else the policy's
+        own starting weights."""
+        hp = self.hparams
+        if hp.reference_name_or_path:
+            return hp.reference_name_or_path
+        record = Path(resolve(hp.model_name_or_path)) / TRAINED_AGAINST
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if record.is_file() and not fitting:
+            source = json.loads(record.read_text())["reference"]
+            if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+                raise FileNotFoundError(f"{hp.model_name_or_path} was trained against the reference {source} "
+                                        f"(see {record}), which is gone; pass reference_name_or_path")
+            return source
+        return hp.model_name_or_path
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -118,7 +140,7 @@ class DPOModule(CausalLMModule):
             return None
         if not self._frozen:
             with self._rng_untouched():  # loading the reference must not change the training's randomness
-                ref = load_causal_lm(hp.reference_name_or_path or hp.model_name_or_path, hp.dtype)
+                ref = load_causal_lm(self.reference_source, hp.dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
                 ref = ref.merge_and_unload()
             if ref.get_input_embeddings().num_embeddings != self.model.get_input_embeddings().num_embeddings:
@@ -146,8 +168,14 @@ class DPOModule(CausalLMModule):
 
     @staticmethod
     def _logps(model: nn.Module, seqs: dict):
-        logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits
-        return sequence_logprobs(logits, seqs["labels"])
+        """Sequence log-probs. Only positions from the earliest response on need logits (the LM head and
+        the log-softmax over the vocabulary are a large share of the work), so the model is asked for
+        those alone (``logits_to_keep``); the result is the same as from all logits."""
+        labels = seqs["labels"]
+        start = response_start(labels)
+        logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
+                       logits_to_keep=labels.size(1) - start).logits
+        return sequence_logprobs(logits, labels[:, start:])
 
     @torch.no_grad()
     def _reference_logps(self, seqs: dict):
@@ -166,7 +194,8 @@ class DPOModule(CausalLMModule):
         return torch.stack([out.sum, out.mean], dim=1)
 
     def pair_losses(self, batch: dict, stage: str, variant: Optional[str] = None):
-        """Losses, rewards and policy log-probs for one batch of pairs (chosen rows, then rejected)."""
+        """Preference losses, rewards and policy log-probs (sums) for one batch of pairs (chosen rows, then
+        rejected), and the chosen responses' per-token mean log-prob (with its graph, for ``sft_weight``)."""
         hp = self.hparams
         seqs = batch if variant is None else batch[variant]
         n = len(batch["community"])
@@ -181,9 +210,7 @@ class DPOModule(CausalLMModule):
         pol = policy.mean if hp.loss_type == "ipo" else policy.sum
         losses, chosen_r, rejected_r = dpo_loss(pol[:n], pol[n:], ref[:n, col], ref[n:, col],
                                                 hp.beta, hp.loss_type, hp.label_smoothing)
-        if hp.sft_weight:
-            losses = losses - hp.sft_weight * policy.mean[:n]
-        return losses, chosen_r, rejected_r, policy.sum[:n].detach(), policy.sum[n:].detach()
+        return losses, chosen_r, rejected_r, policy.sum[:n].detach(), policy.sum[n:].detach(), policy.mean[:n]
 
     # -- precomputed reference ----------------------------------------------------------------------
 
@@ -195,7 +222,7 @@ class DPOModule(CausalLMModule):
             return
         ds = dm.splits[split]
         variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in ds.column_names]
-        ref_name = self.hparams.reference_name_or_path or self.hparams.model_name_or_path
+        ref_name = self.reference_source
         meta = {"data": ds._fingerprint, "rows": len(ds), "variants": variants,
                 "reference": model_fingerprint(self.reference) if self.hparams.reference == "copy"
                 else "adapters_off:" + model_fingerprint(self.model), "reference_name": ref_name}
@@ -284,17 +311,22 @@ class DPOModule(CausalLMModule):
     def _step(self, batch: dict, stage: str):
         out = self.pair_losses(batch, stage)
         if f"{stage}_true" in self.metrics:
-            self.metrics[f"{stage}_true"].update(batch["community"], *out)
+            self.metrics[f"{stage}_true"].update(batch["community"], *out[:5])
         for v in VARIANTS:  # evaluation only: the same pairs with no community / a wrong one
             if stage != "train" and v in batch and f"{stage}_{v}" in self.metrics:
-                self.metrics[f"{stage}_{v}"].update(batch["community"], *self.pair_losses(batch, stage, v))
+                self.metrics[f"{stage}_{v}"].update(batch["community"], *self.pair_losses(batch, stage, v)[:5])
         return out
 
     def training_step(self, batch, batch_idx):
-        losses, chosen_r, rejected_r, chosen_lp, rejected_lp = self._step(batch, "train")
+        losses, chosen_r, rejected_r, chosen_lp, rejected_lp, chosen_mean_lp = self._step(batch, "train")
         loss = losses.mean()
         n = len(losses)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)  # the preference loss (ln 2 at the start)
+        if self.hparams.sft_weight:  # RPO-style: + weight * NLL (per token) of the chosen response
+            nll = -chosen_mean_lp.mean()
+            self.log_dict({"train/nll_chosen": nll, "train/objective": loss + self.hparams.sft_weight * nll},
+                          batch_size=n)
+            loss = loss + self.hparams.sft_weight * nll
         self.log_dict({"train/rewards/chosen": chosen_r.mean(), "train/rewards/rejected": rejected_r.mean(),
                        "train/rewards/margins": (chosen_r - rejected_r).mean(),
                        "train/rewards/accuracies": (chosen_r > rejected_r).float().mean(),
@@ -335,8 +367,23 @@ class DPOModule(CausalLMModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
+    def on_fit_end(self) -> None:
+        """Export (see ``CausalLMModule``) and record next to the weights which reference they were trained
+        against, so ``validate``/``test`` of the export measure rewards against that reference."""
+        super().on_fit_end()
+        path = getattr(self, "export_path", None)
+        if path and self.trainer.is_global_zero and Path(path).is_dir():
+            record = {"reference": _absolute(self.reference_source), "beta": self.hparams.beta,
+                      "loss_type": self.hparams.loss_type}
+            (Path(path) / TRAINED_AGAINST).write_text(json.dumps(record, indent=2))
+
     def on_test_epoch_end(self) -> None:
         write_test_metrics(self.trainer, self.hparams.model_name_or_path, self._log_metrics("test"))
+
+
+def _absolute(name_or_path: str) -> str:
+    local = Path(resolve(name_or_path))
+    return str(local.resolve()) if local.exists() and not name_or_path.startswith("embedded:") else name_or_path
 
 
 def write_test_metrics(trainer, model_name: str, results: dict) -> None:

@@ -53,6 +53,19 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLog
     return SequenceLogprobs(total, total / count.clamp(min=1), count)
 
 
+def response_start(labels: torch.Tensor) -> int:
+    """The first position whose logits matter: one before the earliest labelled token of the batch.
+
+    ``sequence_logprobs(logits[:, s:], labels[:, s:])`` equals ``sequence_logprobs(logits, labels)`` for
+    this ``s``, since every earlier position is masked.
+    """
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any():
+        return 0
+    first = int(labelled.float().argmax(dim=1)[labelled.any(dim=1)].min())
+    return max(first - 1, 0)
+
+
 def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
     """Refuse settings that would train something else than asked, before any training starts."""
     if not beta > 0:

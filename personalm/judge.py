@@ -230,10 +230,10 @@ def plot_win_rates(results: Sequence[dict], path: PathLike, title: Optional[str]
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set(yticks=np.arange(len(rows)), yticklabels=rows, xlim=(0, 1), ylabel="community",
            xlabel="win rate of the first system (ties count half), 95% bootstrap CI")
-    ax.legend(loc="best", fontsize="small")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small", frameon=False)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the legend below the axes
     try:
         _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), ".png")
     finally:

@@ -20,7 +20,7 @@ from personalm.encoding import encode_batch, sequences
 from personalm.judge import Comparison, Verdict
 from personalm.lm_module import CausalLMModule
 from personalm.metrics import PreferenceMetrics
-from personalm.models import load_reward_model, load_tokenizer
+from personalm.models import load_reward_model, load_tokenizer, resolve
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -104,14 +104,15 @@ class RewardModule(CausalLMModule):
 
 class RewardJudge:
     """``personalm.judge.Judge`` backed by a trained reward model: both responses are scored in the
-    prompt of the true community, the higher reward wins; within ``tie_margin`` it is a tie.
+    prompt of the true community, the higher reward wins; within ``tie_margin`` it is a tie (the same
+    text scored in two batch positions differs by float noise, ~1e-7).
 
     The order of A and B does not matter to a reward model (each response is scored alone), so none
     is randomised. A post whose title and template leave no room for a response gets ``None``.
     """
 
     def __init__(self, model_name_or_path: str, max_length: int = 1024, batch_size: int = 16,
-                 tie_margin: float = 0.0, device: Optional[str] = None,
+                 tie_margin: float = 1e-4, device: Optional[str] = None,
                  tokenizer_name_or_path: Optional[str] = None):
         self.tokenizer = load_tokenizer(model_name_or_path)
         if tokenizer_name_or_path is not None:
@@ -119,9 +120,14 @@ class RewardJudge:
             if other.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"reward model {model_name_or_path} was trained with another tokenizer than "
                                  f"{tokenizer_name_or_path}: its scores of that tokenization mean nothing")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve(model_name_or_path))
+        if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) or \
+                getattr(config, "num_labels", None) != 1:
+            raise ValueError(f"{model_name_or_path} is not a reward model (architectures {config.architectures}, "
+                             f"{config.num_labels} labels): its scalar head would be untrained")
         self.model = load_reward_model(model_name_or_path, pad_token_id=self.tokenizer.pad_token_id).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"{model_name_or_path} is not a reward model (num_labels {self.model.config.num_labels})")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.max_length, self.batch_size, self.tie_margin = max_length, batch_size, tie_margin

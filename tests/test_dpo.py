@@ -62,13 +62,18 @@ def test_reference_stays_bit_identical_and_outside_the_optimizer(dpo_run):
     assert not any(k.startswith("_frozen") or "reference" in k for k in module.state_dict())
 
 
-def test_test_subcommand_writes_per_community_json(dpo_run, small_compred, tmp_path):
-    cli, _, _ = dpo_run
-    t = main(["test", *dpo_args(tmp_path, small_compred, cli.model.export_path)])
+def test_test_subcommand_writes_per_community_json(dpo_run, train_compred, tmp_path):
+    """``test`` of the DPO export scores against the reference it was trained against (the SFT export,
+    recorded next to the weights), not against itself (which would give rewards of exactly 0)."""
+    cli, _, start = dpo_run
+    record = json.loads((Path(cli.model.export_path) / "personalm_dpo.json").read_text())
+    assert Path(record["reference"]) == Path(start).resolve()
+    t = main(["test", *dpo_args(tmp_path, train_compred, cli.model.export_path)])
     path = Path(t.trainer.log_dir) / "test_metrics.json"
     report = json.loads(path.read_text())
     assert set(report["conditioning"]) == {"true", "none", "random"}
     true = report["conditioning"]["true"]
+    assert true["rewards/margins"] != 0 and true["rewards/accuracies"] > 0.5, true
     assert 0 <= true["rewards/accuracies/r_wallstreetbets"] <= 1
     assert t.trainer.callback_metrics["test/rewards/accuracies/r_history"] == pytest.approx(
         true["rewards/accuracies/r_history"])
@@ -164,3 +169,29 @@ def test_adapters_off_reference_refuses_adapter_only_sft_and_starts_at_ln2(tmp_p
     module.model.train()
     losses, *_ = module.pair_losses(batch, "val")
     torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_sft_weight_adds_the_chosen_nll_and_keeps_train_loss_the_preference_loss(sft_run, small_compred, tmp_path):
+    """objective = DPO loss + w * NLL(chosen); at step 0 the DPO loss is ln 2 and the NLL is the SFT
+    model's per-token loss on the chosen responses (positive), so objective = ln 2 + 0.5 * nll."""
+    sft, _ = sft_run
+    _, logs = _fit_steps(tmp_path, small_compred, sft.model.export_path, "--model.init_args.sft_weight=0.5")
+    assert logs["train/loss"][0] == pytest.approx(math.log(2), abs=1e-3)
+    nll = logs["train/nll_chosen"][0]
+    assert nll > 0.1
+    assert logs["train/objective"][0] == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-3)
+
+
+def test_logps_from_response_logits_only_equal_those_from_all_logits(small_compred):
+    from personalm.datamodule import ComPreDDataModule
+    from personalm.dpo_loss import sequence_logprobs
+
+    dm = ComPreDDataModule(dataset=str(small_compred), subset="finance", rows="preference", max_length=128)
+    batch = next(iter(dm.val_dataloader()))
+    model = load_causal_lm("embedded:tiny-llama").eval()
+    with torch.no_grad():
+        fast = DPOModule._logps(model, batch)
+        full = sequence_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"])
+    torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.mean, full.mean, rtol=1e-5, atol=1e-5)

@@ -306,3 +306,20 @@ def test_valid_settings_pass(beta, loss_type, label_smoothing):
     check_dpo_args(beta, loss_type, label_smoothing)
     losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
+
+
+def test_response_start_keeps_every_scored_position():
+    """Rows labelled from positions 3 and 5 (and one row with no label): logits are needed from
+    position 2 on (position 2 predicts label 3), and slicing there changes nothing."""
+    from personalm.dpo_loss import response_start
+
+    labels = torch.full((3, 8), -100)
+    labels[0, 3:6] = torch.tensor([4, 1, 2])
+    labels[1, 5:8] = torch.tensor([0, 3, 3])
+    assert response_start(labels) == 2
+    assert response_start(torch.full((2, 4), -100)) == 0
+    logits = torch.randn(3, 8, 6)
+    whole, sliced = sequence_logprobs(logits, labels), sequence_logprobs(logits[:, 2:], labels[:, 2:])
+    assert_close(sliced.sum, whole.sum)
+    assert_close(sliced.mean, whole.mean)
+    assert torch.equal(sliced.tokens, whole.tokens)
