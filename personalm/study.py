@@ -23,6 +23,7 @@ stage whose inputs were redone is moved aside to ``<stage>.stale-<time>``, never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -30,7 +31,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -75,6 +76,7 @@ class Stage:
     name: str
     needs: list[str]
     run: Callable[[Path, dict], dict]  # (its folder, done markers of its needs) -> outputs {key: relative path}
+    settings: dict = field(default_factory=dict)  # what else its result depends on (config, args, judge)
 
 
 # -- running stages ---------------------------------------------------------------------------------
@@ -98,14 +100,17 @@ def is_done(folder: Path, inputs: dict) -> Optional[dict]:
 def run_stage(root: Path, stage: Stage, done: dict[str, dict]) -> dict:
     """Run ``stage`` unless it is already done; returns its ``done.json``."""
     folder = root / stage.name
-    inputs = {n: done[n]["id"] for n in stage.needs}
+    settings = hashlib.sha256(json.dumps(stage.settings, sort_keys=True).encode()).hexdigest()[:16]
+    inputs = {"settings": settings, **{n: done[n]["id"] for n in stage.needs}}
     finished = is_done(folder, inputs)
     if finished is not None:
         print(f"[study] {stage.name}: done, skipped ({folder})", flush=True)
         return finished
     if (folder / "done.json").is_file():  # finished from other inputs: keep it, out of the way
-        aside = folder.with_name(f"{stage.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"[study] {stage.name}: its inputs were redone; the old outputs move to {aside}", flush=True)
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while (aside := folder.with_name(f"{stage.name}.stale-{stamp}" + (f"-{n}" if n else ""))).exists():
+            n += 1  # moved aside more than once within a second
+        print(f"[study] {stage.name}: settings, inputs or outputs changed; the old folder moves to {aside}", flush=True)
         folder.rename(aside)
     elif folder.exists():  # no done.json: a failed or interrupted run, never trusted
         print(f"[study] {stage.name}: incomplete earlier run removed", flush=True)
@@ -141,6 +146,16 @@ class Steps:
     def __init__(self, s: StudySettings):
         self.s = s
 
+    def settings(self, kind: str, config: Optional[str] = None) -> dict:
+        """What a stage's result depends on besides the stages it needs (a change redoes the stage)."""
+        s = self.s
+        if kind == "judge":
+            return {"judge": s.judge, "llm": asdict(s.llm) if s.llm else None, "seed": s.seed, "n_boot": s.n_boot,
+                    "max_length": s.judge_max_length}
+        return {"config": Path(config_path(config)).read_text(), "dataset": s.dataset, "subsets": s.subsets,
+                "base_model": s.base_model if kind == "sft" else None,
+                "args": s.args.get("all", []) + s.args.get(kind, [])}
+
     def cli(self, subcommand: str, kind: str, config: str, folder: Path, model: str, *extra: str):
         from personalm.cli import main
 
@@ -154,24 +169,26 @@ class Steps:
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
             return main(args)
 
-    def fit(self, kind: str, config: str, context: bool, start: Callable[[dict], str]):
+    def fit(self, name: str, kind: str, config: str, context: bool, start: Optional[str] = None) -> Stage:
+        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward."""
         def run(folder: Path, needs: dict) -> dict:
-            cli = self.cli("fit", kind, config, folder, start(needs), f"--data.contextualize={str(context).lower()}")
+            model = output(needs[start], "model") if start else self.s.base_model
+            cli = self.cli("fit", kind, config, folder, model, f"--data.contextualize={str(context).lower()}")
             ckpt = cli.trainer.checkpoint_callback
             saved = ckpt.best_model_path or ckpt.last_model_path if ckpt else ""
             return {"model": os.path.relpath(cli.model.export_path, folder),
                     "logs": os.path.relpath(cli.trainer.log_dir, folder),
                     **({"checkpoint": os.path.relpath(saved, folder)} if saved else {})}
-        return run
+        return Stage(name, [start] if start else [], run, self.settings(kind, config))
 
-    def test(self, config: str, fitted: str, context: bool):
+    def test(self, name: str, config: str, fitted: str, context: bool) -> Stage:
         def run(folder: Path, needs: dict) -> dict:
             cli = self.cli("test", "test", config, folder, output(needs[fitted], "model"),
                            f"--data.contextualize={str(context).lower()}")
             return {"metrics": os.path.relpath(Path(cli.trainer.log_dir) / "test_metrics.json", folder)}
-        return run
+        return Stage(name, [fitted], run, self.settings("test", config))
 
-    def predict(self, fitted: str, conditioning: str):
+    def predict(self, name: str, fitted: str, conditioning: Literal["true", "none", "random"]) -> Stage:
         flags = {"true": ["--data.contextualize=true"], "none": ["--data.contextualize=false"],
                  "random": ["--data.contextualize=true", "--data.random_community=true"]}[conditioning]
 
@@ -179,7 +196,7 @@ class Steps:
             self.cli("predict", "predict", self.s.dpo_config, folder, output(needs[fitted], "model"), *flags,
                      f"--predictions.output_path={folder / 'predictions.jsonl'}")
             return {"predictions": "predictions.jsonl"}
-        return run
+        return Stage(name, [fitted], run, self.settings("predict", self.s.dpo_config))
 
     def make_judge(self, reward_model: str) -> judging.Judge:
         if self.s.judge == "llm":
@@ -193,7 +210,7 @@ class Steps:
 
         return RewardJudge(reward_model, max_length=self.s.judge_max_length)
 
-    def judge(self, a: str, b: str, name_a: str, name_b: str):
+    def judge(self, name: str, a: str, b: str, name_a: str, name_b: str) -> Stage:
         def run(folder: Path, needs: dict) -> dict:
             judge = self.make_judge(output(needs["reward"], "model"))
             result = judging.compare(output(needs[a], "predictions"), output(needs[b], "predictions"), judge,
@@ -202,34 +219,27 @@ class Steps:
             judging.write_json(result, folder / "judge.json")
             print(judging.format_table(result), flush=True)
             return {"result": "judge.json"}
-        return run
+        return Stage(name, [a, b, "reward"], run, self.settings("judge"))
 
 
 def stages(s: StudySettings) -> list[Stage]:
     st = Steps(s)
-    base = lambda needs: s.base_model  # noqa: E731
     return [
-        Stage("sft_context", [], st.fit("sft", s.sft_config, True, base)),
-        Stage("sft_no_context", [], st.fit("sft", s.sft_config, False, base)),
-        Stage("dpo_context", ["sft_context"],
-              st.fit("dpo", s.dpo_config, True, lambda n: output(n["sft_context"], "model"))),
-        Stage("dpo_no_context", ["sft_no_context"],
-              st.fit("dpo", s.dpo_config, False, lambda n: output(n["sft_no_context"], "model"))),
-        Stage("test_dpo_context", ["dpo_context"], st.test(s.dpo_config, "dpo_context", True)),
-        Stage("test_dpo_no_context", ["dpo_no_context"], st.test(s.dpo_config, "dpo_no_context", False)),
-        Stage("reward", ["sft_context"],
-              st.fit("reward", s.reward_config, True, lambda n: output(n["sft_context"], "model"))),
-        Stage("test_reward", ["reward"], st.test(s.reward_config, "reward", True)),
-        Stage("predict_context", ["dpo_context"], st.predict("dpo_context", "true")),
-        Stage("predict_no_context", ["dpo_no_context"], st.predict("dpo_no_context", "none")),
-        Stage("predict_random", ["dpo_context"], st.predict("dpo_context", "random")),
-        Stage("judge_context_vs_no_context", ["predict_context", "predict_no_context", "reward"],
-              st.judge("predict_context", "predict_no_context", "context", "no context")),
-        Stage("judge_context_vs_random", ["predict_context", "predict_random", "reward"],
-              st.judge("predict_context", "predict_random", "context", "random community")),
-        Stage("report", ["test_dpo_context", "test_dpo_no_context", "test_reward",
-                         "judge_context_vs_no_context", "judge_context_vs_random"],
-              lambda folder, needs: write_report(folder, needs, s)),
+        st.fit("sft_context", "sft", s.sft_config, context=True),
+        st.fit("sft_no_context", "sft", s.sft_config, context=False),
+        st.fit("dpo_context", "dpo", s.dpo_config, context=True, start="sft_context"),
+        st.fit("dpo_no_context", "dpo", s.dpo_config, context=False, start="sft_no_context"),
+        st.test("test_dpo_context", s.dpo_config, "dpo_context", context=True),
+        st.test("test_dpo_no_context", s.dpo_config, "dpo_no_context", context=False),
+        st.fit("reward", "reward", s.reward_config, context=True, start="sft_context"),
+        st.test("test_reward", s.reward_config, "reward", context=True),
+        st.predict("predict_context", "dpo_context", "true"),
+        st.predict("predict_no_context", "dpo_no_context", "none"),
+        st.predict("predict_random", "dpo_context", "random"),
+        st.judge("judge_context_vs_no_context", "predict_context", "predict_no_context", "context", "no context"),
+        st.judge("judge_context_vs_random", "predict_context", "predict_random", "context", "random community"),
+        Stage("report", ["test_dpo_context", "test_dpo_no_context", "test_reward", "judge_context_vs_no_context",
+                         "judge_context_vs_random"], lambda folder, needs: write_report(folder, needs, s)),
     ]
 
 

@@ -12,10 +12,10 @@ TINY = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.lim
         "--trainer.limit_predict_batches=1", "--model.init_args.generation.max_new_tokens=4"]
 
 
-def run(root: Path, data: Path, dpo_args=()) -> dict:
+def run(root: Path, data: Path, dpo_args=(), n_boot: int = 50) -> dict:
     args = {"all": TINY, "dpo": list(dpo_args)}
     return study.main(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={root}",
-                       f"--dataset={data}", "--progress=false", "--n_boot=50", f"--args={json.dumps(args)}"])
+                       f"--dataset={data}", "--progress=false", f"--n_boot={n_boot}", f"--args={json.dumps(args)}"])
 
 
 def ran(capsys) -> list[str]:
@@ -58,6 +58,10 @@ def test_rerun_skips_finished_and_redoes_a_broken_stage_and_what_depends_on_it(f
     assert json.loads((root / "predict_random" / "done.json").read_text())["outputs"]
     stale = sorted(root.glob("judge_context_vs_random.stale-*"))
     assert stale and (stale[0] / "judge.json").read_text() == old_judge  # moved aside, not overwritten
+    # a changed setting redoes the stages that depend on it, and only those
+    run(root, small_compred, n_boot=60)
+    assert ran(capsys) == ["judge_context_vs_no_context", "judge_context_vs_random", "report"]
+    assert json.loads((root / "judge_context_vs_random" / "judge.json").read_text())["n_boot"] == 60
 
 
 def test_failed_stage_leaves_no_trusted_output_and_the_rerun_resumes(small_compred, tmp_path, capsys):
