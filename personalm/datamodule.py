@@ -129,7 +129,9 @@ class ComPreDDataModule(L.LightningDataModule):
         ds = self._tokenize(ds, split)
         stats.shortened = compred.count_true(ds, "shortened")
         stats.dropped = compred.count_true(ds, "dropped")
-        ds = compred.drop_where(ds, "dropped")
+        if stats.dropped:
+            ds = compred.drop_where(ds, "dropped")  # then renumber: "index" is the row's position in the
+            ds = ds.map(lambda _, i: {"index": i}, with_indices=True, desc=f"renumber {split}")  # split
         stats.rows_out = ds.num_rows
         self.stats[split] = stats
         rank_zero_info(

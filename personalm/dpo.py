@@ -83,6 +83,9 @@ class DPOModule(CausalLMModule):
         check_dpo_args(beta, loss_type, label_smoothing)  # bad settings fail before anything loads
         if reference == "adapters_off" and kwargs.get("lora") is None:
             raise ValueError("reference: adapters_off needs LoRA (the policy's adapters are what it turns off)")
+        if reference == "adapters_off" and reference_name_or_path:
+            raise ValueError("reference: adapters_off uses the policy's own base weights; reference_name_or_path "
+                             "needs reference: copy")
         super().__init__(**kwargs)
         self._frozen: list[nn.Module] = []  # the reference, kept out of the module tree: not in the
         # optimizer, not in checkpoints, not wrapped by DDP
@@ -103,7 +106,18 @@ class DPOModule(CausalLMModule):
         super().configure_model()
         if hp.disable_dropout:
             disable_dropout(self.model)
-        self._check_reference_tokenizer()
+        if self._fn() != "predict":  # generating needs no reference
+            self._check_reference_tokenizer()
+
+    def _fn(self) -> Optional[str]:
+        """``fit``, ``validate``, ``test``, ``predict``, or None outside a Trainer."""
+        return self._trainer.state.fn if self._trainer is not None else None
+
+    @property
+    def _adapters_off(self) -> bool:
+        """The reference is the policy with its LoRA adapters disabled: only while training from the SFT
+        weights. A trained export evaluated later gets a copy of the reference it was trained against."""
+        return self.hparams.reference == "adapters_off" and self._fn() in (None, "fit")
 
     def _check_reference_tokenizer(self) -> None:
         name = self.reference_source
@@ -123,8 +137,7 @@ class DPOModule(CausalLMModule):
         if hp.reference_name_or_path:
             return hp.reference_name_or_path
         record = Path(resolve(hp.model_name_or_path)) / TRAINED_AGAINST
-        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
-        if record.is_file() and not fitting:
+        if record.is_file() and self._fn() not in (None, "fit"):
             source = json.loads(record.read_text())["reference"]
             if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
                 raise FileNotFoundError(f"{hp.model_name_or_path} was trained against the reference {source} "
@@ -136,7 +149,7 @@ class DPOModule(CausalLMModule):
     def reference(self) -> Optional[nn.Module]:
         """The frozen reference (loaded on first use; None for ``adapters_off``)."""
         hp = self.hparams
-        if hp.reference == "adapters_off":
+        if self._adapters_off:
             return None
         if not self._frozen:
             with self._rng_untouched():  # loading the reference must not change the training's randomness
@@ -179,7 +192,7 @@ class DPOModule(CausalLMModule):
 
     @torch.no_grad()
     def _reference_logps(self, seqs: dict):
-        if self.hparams.reference == "adapters_off":
+        if self._adapters_off:
             was_training = self.model.training
             self.model.eval()
             with self.model.disable_adapter():
@@ -224,13 +237,14 @@ class DPOModule(CausalLMModule):
         variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in ds.column_names]
         ref_name = self.reference_source
         meta = {"data": ds._fingerprint, "rows": len(ds), "variants": variants,
-                "reference": model_fingerprint(self.reference) if self.hparams.reference == "copy"
-                else "adapters_off:" + model_fingerprint(self.model), "reference_name": ref_name}
+                "reference": "adapters_off:" + model_fingerprint(self.model) if self._adapters_off
+                else model_fingerprint(self.reference), "reference_name": ref_name,
+                "precision": str(self.trainer.precision)}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         folder = Path(self.hparams.reference_cache or Path(os.environ.get(
             "PERSONALM_CACHE", Path.home() / ".cache" / "personalm")) / "reference_logps").expanduser()
         path = folder / f"{split}-{key}.pt"
-        if path.exists():
+        if self.trainer.strategy.broadcast(path.exists()):  # every rank takes rank 0's answer
             saved = torch.load(path, map_location="cpu", weights_only=True)
             found = {k: saved["meta"].get(k) for k in meta}
             if found != meta:
@@ -253,7 +267,7 @@ class DPOModule(CausalLMModule):
     def _score_split(self, ds, variants: list[str]) -> dict[str, torch.Tensor]:
         """Each rank scores rows rank, rank + world, ...; an all-gather gives every rank the whole table."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        mine = list(range(rank, len(ds), world))
+        mine = list(range(rank, len(ds), world)) or [0]  # fewer rows than processes: score row 0 again
         per_rank = -(-len(ds) // world)
         mine += mine[-1:] * (per_rank - len(mine))  # equal lengths for all_gather
         loader = DataLoader(Subset(ds, mine), batch_size=self.trainer.datamodule.eval_batch_size,
@@ -263,7 +277,8 @@ class DPOModule(CausalLMModule):
             batch = self.trainer.strategy.batch_to_device(batch)
             n = len(batch["community"])
             for v in variants:
-                t = self._ref_table(batch if v == "true" else batch[v])
+                with self.trainer.precision_plugin.forward_context():  # the same autocast as in training
+                    t = self._ref_table(batch if v == "true" else batch[v])
                 parts[v].append(torch.stack([t[:n, 0], t[n:, 0], t[:n, 1], t[n:, 1]], dim=1))
         index = torch.tensor(mine, device=self.device)
         all_index = self.all_gather(index).reshape(-1).cpu()
@@ -296,7 +311,7 @@ class DPOModule(CausalLMModule):
             with self._rng_untouched():  # the scoring DataLoader draws a seed from the global RNG
                 for stage in stages:
                     self._precompute(stage)
-            if self.hparams.reference == "copy" and self._frozen:
+            if not self._adapters_off and self._frozen:
                 self._free_reference()
 
     def on_fit_start(self) -> None:
@@ -367,15 +382,12 @@ class DPOModule(CausalLMModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
-    def on_fit_end(self) -> None:
-        """Export (see ``CausalLMModule``) and record next to the weights which reference they were trained
-        against, so ``validate``/``test`` of the export measure rewards against that reference."""
-        super().on_fit_end()
-        path = getattr(self, "export_path", None)
-        if path and self.trainer.is_global_zero and Path(path).is_dir():
-            record = {"reference": _absolute(self.reference_source), "beta": self.hparams.beta,
-                      "loss_type": self.hparams.loss_type}
-            (Path(path) / TRAINED_AGAINST).write_text(json.dumps(record, indent=2))
+    def on_export(self, folder: Path) -> None:
+        """Record next to the weights which reference they were trained against, so ``validate``/``test``
+        of the export measure rewards against that reference."""
+        record = {"reference": _absolute(self.reference_source), "beta": self.hparams.beta,
+                  "loss_type": self.hparams.loss_type}
+        (folder / TRAINED_AGAINST).write_text(json.dumps(record, indent=2))
 
     def on_test_epoch_end(self) -> None:
         write_test_metrics(self.trainer, self.hparams.model_name_or_path, self._log_metrics("test"))

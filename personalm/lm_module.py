@@ -137,6 +137,10 @@ class CausalLMModule(L.LightningModule):
         if self.trainer.is_global_zero:
             lora = self.hparams.lora
             self.model = export_hf(self.model, self.tokenizer, out, merge_lora=lora is None or lora.merge_on_export)
+            self.on_export(Path(out))
             rank_zero_info(f"[personalm] exported the trained model (Hugging Face format) to {out}")
         self.export_path = out
         self.trainer.strategy.barrier()
+
+    def on_export(self, folder: Path) -> None:
+        """Write anything else that belongs with the exported weights (first process, before the barrier)."""

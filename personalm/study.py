@@ -28,6 +28,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -69,6 +71,8 @@ class StudySettings:
     seed: int = 0
     n_boot: int = 1000
     progress: bool = True
+    isolate: bool = False  # each CLI step in its own `python -m personalm` process: needed for DDP and
+    # other multi-process strategies, which relaunch the command they were started from
 
 
 @dataclass
@@ -129,6 +133,16 @@ def output(done: dict, key: str) -> str:
     return str(Path(done["folder"]) / done["outputs"][key])
 
 
+LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
+
+
+def written(folder: Path, relative: str) -> str:
+    """``relative`` if the step wrote it, else a clear error (the stage then has no done.json)."""
+    if not (folder / relative).exists():
+        raise RuntimeError(f"{folder.name}: the step finished but {folder / relative} is missing")
+    return relative
+
+
 # -- the steps ----------------------------------------------------------------------------------------
 
 
@@ -165,27 +179,28 @@ class Steps:
                 f"--model.init_args.model_name_or_path={model}", f"--data.dataset={s.dataset}",
                 f"--data.subset={json.dumps(s.subsets)}", *extra, *s.args.get("all", []), *s.args.get(kind, [])]
         print(f"$ python -m personalm {shlex.join(args)}", flush=True)
+        if s.isolate:
+            subprocess.run([sys.executable, "-m", "personalm", *args], check=True)
+            return
         with warnings.catch_warnings():  # the study's own command line is not meant for LightningCLI
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
-            return main(args)
+            main(args)
 
     def fit(self, name: str, kind: str, config: str, context: bool, start: Optional[str] = None) -> Stage:
         """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward."""
         def run(folder: Path, needs: dict) -> dict:
             model = output(needs[start], "model") if start else self.s.base_model
-            cli = self.cli("fit", kind, config, folder, model, f"--data.contextualize={str(context).lower()}")
-            ckpt = cli.trainer.checkpoint_callback
-            saved = ckpt.best_model_path or ckpt.last_model_path if ckpt else ""
-            return {"model": os.path.relpath(cli.model.export_path, folder),
-                    "logs": os.path.relpath(cli.trainer.log_dir, folder),
-                    **({"checkpoint": os.path.relpath(saved, folder)} if saved else {})}
+            self.cli("fit", kind, config, folder, model, f"--data.contextualize={str(context).lower()}")
+            ckpts = sorted((folder / LOGS / "checkpoints").glob("*.ckpt"))
+            return {"model": written(folder, f"{LOGS}/hf_model"), "logs": LOGS,
+                    **({"checkpoint": os.path.relpath(ckpts[-1], folder)} if ckpts else {})}
         return Stage(name, [start] if start else [], run, self.settings(kind, config))
 
     def test(self, name: str, config: str, fitted: str, context: bool) -> Stage:
         def run(folder: Path, needs: dict) -> dict:
-            cli = self.cli("test", "test", config, folder, output(needs[fitted], "model"),
-                           f"--data.contextualize={str(context).lower()}")
-            return {"metrics": os.path.relpath(Path(cli.trainer.log_dir) / "test_metrics.json", folder)}
+            self.cli("test", "test", config, folder, output(needs[fitted], "model"),
+                     f"--data.contextualize={str(context).lower()}")
+            return {"metrics": written(folder, f"{LOGS}/test_metrics.json")}
         return Stage(name, [fitted], run, self.settings("test", config))
 
     def predict(self, name: str, fitted: str, conditioning: Literal["true", "none", "random"]) -> Stage:
@@ -195,7 +210,7 @@ class Steps:
         def run(folder: Path, needs: dict) -> dict:
             self.cli("predict", "predict", self.s.dpo_config, folder, output(needs[fitted], "model"), *flags,
                      f"--predictions.output_path={folder / 'predictions.jsonl'}")
-            return {"predictions": "predictions.jsonl"}
+            return {"predictions": written(folder, "predictions.jsonl")}
         return Stage(name, [fitted], run, self.settings("predict", self.s.dpo_config))
 
     def make_judge(self, reward_model: str) -> judging.Judge:

@@ -88,3 +88,13 @@ def test_truncation_is_counted(small_compred):
     assert stats.shortened > 0
     assert max(len(p) + len(c) for p, c in zip(d.splits["validation_pref"]["prompt_ids"],
                                                d.splits["validation_pref"]["chosen_ids"])) <= 40
+
+
+def test_dropped_rows_leave_index_equal_to_position(small_compred):
+    """Rows whose title and markers leave no room are dropped; ``index`` is then renumbered so it is
+    the row's position in the prepared split (precomputed reference log-probs are looked up by it)."""
+    d = dm(small_compred, rows="preference", max_prompt_length=36)
+    d.setup("validate")
+    ds = d.splits["validation_pref"]
+    assert 0 < d.stats["validation_pref"].dropped < d.stats["validation_pref"].rows
+    assert ds["index"] == list(range(len(ds)))

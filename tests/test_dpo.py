@@ -9,7 +9,7 @@ import torch
 
 from personalm.cli import main
 from personalm.dpo import DPOModule
-from personalm.models import load_causal_lm
+from personalm.models import LoraSettings, load_causal_lm
 from tests.conftest import DEMO_DPO, quiet, scalars
 
 
@@ -114,9 +114,11 @@ def _fit_steps(root, data, start, *extra):
 def test_precomputed_reference_equals_on_the_fly_and_checks_its_cache(sft_run, small_compred, tmp_path):
     sft, _ = sft_run
     start = sft.model.export_path
-    fly, fly_logs = _fit_steps(tmp_path / "a", small_compred, start)
+    # max_prompt_length 36 drops some rows (no room left): the cache must still line up with the rows
+    fly, fly_logs = _fit_steps(tmp_path / "a", small_compred, start, "--data.max_prompt_length=36")
     pre, pre_logs = _fit_steps(tmp_path / "b", small_compred, start, "--model.init_args.precompute_reference=true",
-                               f"--model.init_args.reference_cache={tmp_path / 'cache'}")
+                               f"--model.init_args.reference_cache={tmp_path / 'cache'}",
+                               "--data.max_prompt_length=36")
     assert not pre.model._frozen, "reference not freed after precomputing"
     for tag in ("train/loss", "val/loss", "val/rewards/margins", "val/none/rewards/accuracies"):
         torch.testing.assert_close(torch.tensor(pre_logs[tag]), torch.tensor(fly_logs[tag]), rtol=1e-4, atol=1e-5)
@@ -130,12 +132,13 @@ def test_precomputed_reference_equals_on_the_fly_and_checks_its_cache(sft_run, s
     torch.save(saved, caches[0])
     with pytest.raises(ValueError, match="other data or another reference"):
         _fit_steps(tmp_path / "c", small_compred, start, "--model.init_args.precompute_reference=true",
-                   f"--model.init_args.reference_cache={tmp_path / 'cache'}")
+                   f"--model.init_args.reference_cache={tmp_path / 'cache'}", "--data.max_prompt_length=36")
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"beta": 0.0}, "beta"), ({"beta": -1.0}, "beta"), ({"loss_type": "kto"}, "loss_type"),
-    ({"label_smoothing": 0.5}, "label_smoothing"), ({"reference": "adapters_off"}, "LoRA")])
+    ({"label_smoothing": 0.5}, "label_smoothing"), ({"reference": "adapters_off"}, "LoRA"),
+    ({"reference": "adapters_off", "lora": LoraSettings(), "reference_name_or_path": "x"}, "reference: copy")])
 def test_bad_settings_fail_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPOModule(**kwargs)
@@ -169,6 +172,17 @@ def test_adapters_off_reference_refuses_adapter_only_sft_and_starts_at_ln2(tmp_p
     module.model.train()
     losses, *_ = module.pair_losses(batch, "val")
     torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))
+    # LoRA starts at zero, so ln 2 alone cannot tell; with trained (non-zero) adapters the reference must
+    # still be the base weights, and the policy must differ from it
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    with torch.no_grad():
+        base = DPOModule._logps(load_causal_lm("embedded:tiny-llama").eval(), batch)
+        policy = DPOModule._logps(module.model.eval(), batch)
+    reference = module._reference_logps(batch)
+    torch.testing.assert_close(reference.sum, base.sum)
+    assert not torch.allclose(policy.sum, reference.sum)
 
 
 def test_sft_weight_adds_the_chosen_nll_and_keeps_train_loss_the_preference_loss(sft_run, small_compred, tmp_path):

@@ -73,3 +73,15 @@ def test_failed_stage_leaves_no_trusted_output_and_the_rerun_resumes(small_compr
     with pytest.raises(ValueError, match="beta"):  # still refused; the finished SFT stages are not redone
         run(tmp_path, small_compred, ["--model.init_args.beta=0"])
     assert ran(capsys) == ["dpo_context"]
+
+
+def test_isolated_stage_runs_the_cli_in_its_own_process(small_compred, tmp_path):
+    """With ``isolate`` (multi-process strategies relaunch the command they started from) a stage is a
+    ``python -m personalm`` subprocess; its outputs are found where the CLI writes them."""
+    settings = study.parse(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={tmp_path}",
+                            f"--dataset={small_compred}", "--progress=false", "--isolate=true",
+                            f"--args={json.dumps({'all': TINY})}"])
+    stage = study.stages(settings)[0]
+    done = study.run_stage(tmp_path, stage, {})
+    assert done["outputs"]["model"] == "lightning_logs/version_0/hf_model"
+    assert (tmp_path / stage.name / done["outputs"]["model"] / "config.json").is_file()
