@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from personalm.dpo_loss import check_dpo_args, dpo_loss, response_start, sequence_logprobs
+from personalm.files import write_text
 from personalm.lm_module import CausalLMModule
 from personalm.metrics import PreferenceMetrics
 from personalm.models import load_causal_lm, load_tokenizer, resolve
@@ -404,8 +405,5 @@ def write_test_metrics(trainer, model_name: str, results: dict) -> None:
     if not trainer.is_global_zero or not trainer.log_dir:
         return
     path = Path(trainer.log_dir) / "test_metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"model": model_name, "conditioning": results}, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"model": model_name, "conditioning": results}, indent=2))
     rank_zero_info(f"[personalm] per-community test metrics written to {path}")

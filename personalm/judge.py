@@ -12,10 +12,11 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Literal, Optional, Protocol, Sequence, Union
+from typing import Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
+
+from personalm.files import write_atomically
 
 Verdict = Optional[Literal["A", "B", "tie"]]  # None: the judge failed on this item (counted, reported)
 
@@ -190,25 +191,13 @@ def compare(path_a: PathLike, path_b: PathLike, judge: Judge, *, name_a: str = "
             "seed": seed, "n_boot": n_boot}
 
 
-def _write_atomically(path: PathLike, write: Callable[[str], None], suffix: str) -> None:
-    """``write`` to a temporary file next to ``path``, then move it into place (removed on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(result: dict, path: PathLike) -> None:
     """Write ``result`` as indented, strict JSON (no NaN), atomically."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
-    _write_atomically(path, write, ".json")
+    write_atomically(path, write, ".json")
 
 
 def plot_win_rates(results: Sequence[dict], path: PathLike, title: Optional[str] = None) -> None:
@@ -235,7 +224,7 @@ def plot_win_rates(results: Sequence[dict], path: PathLike, title: Optional[str]
         ax.set_title(title)
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the legend below the axes
     try:
-        _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), ".png")
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), ".png")
     finally:
         plt.close(fig)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from personalm.lm_module import CausalLMModule
 
 
@@ -11,7 +13,7 @@ class SFTModule(CausalLMModule):
     Takes ``ComPreDDataModule(rows="sft")`` batches. Arguments: see ``CausalLMModule``.
     """
 
-    def model_step(self, batch) -> "torch.Tensor":  # noqa: F821
+    def model_step(self, batch) -> torch.Tensor:
         # transformers shifts the labels and averages over the labelled (response) tokens, in fp32
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss

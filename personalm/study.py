@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from personalm import judge as judging
+from personalm.files import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +88,7 @@ class Stage:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2))
+    write_text(path, json.dumps(data, indent=2))
 
 
 def is_done(folder: Path, inputs: dict) -> Optional[dict]:
@@ -319,14 +320,8 @@ Judge: {judge_note}. Win rate = (wins + ties / 2) / decided posts; 95% bootstrap
 
 ![win rates](win_rates.png)
 """
-    _write_text(folder / "report.md", text)
+    write_text(folder / "report.md", text)
     return {"report": "report.md", "chart": "win_rates.png"}
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- entry point --------------------------------------------------------------------------------------------
