@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader, Subset
 from personalm.dpo_loss import check_dpo_args, dpo_loss, response_start, sequence_logprobs
 from personalm.files import write_text
 from personalm.lm_module import CausalLMModule
-from personalm.metrics import PreferenceMetrics
+from personalm.metrics import STAGE_SPLIT, add_stage_metrics, log_stage_metrics
 from personalm.models import load_causal_lm, load_tokenizer, resolve
 
-STAGE_SPLIT = {"train": "train_pref", "val": "validation_pref", "test": "test_pref"}
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
 VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
 
@@ -140,9 +139,11 @@ class DPOModule(CausalLMModule):
         record = Path(resolve(hp.model_name_or_path)) / TRAINED_AGAINST
         if record.is_file() and self._fn() not in (None, "fit"):
             source = json.loads(record.read_text())["reference"]
-            if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+            try:
+                resolve(source)
+            except FileNotFoundError:
                 raise FileNotFoundError(f"{hp.model_name_or_path} was trained against the reference {source} "
-                                        f"(see {record}), which is gone; pass reference_name_or_path")
+                                        f"(see {record}), which is gone; pass reference_name_or_path") from None
             return source
         return hp.model_name_or_path
 
@@ -295,17 +296,8 @@ class DPOModule(CausalLMModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is None or not hasattr(dm, "splits"):
-            return
-        from personalm.compred import communities
-
-        for stage, split in STAGE_SPLIT.items():
-            if split in dm.splits and f"{stage}_true" not in self.metrics:
-                names = communities(dm.splits[split])
-                self.metrics[f"{stage}_true"] = PreferenceMetrics(names)
-                if stage != "train" and "none_prompt_ids" in dm.splits[split].column_names:
-                    for v in VARIANTS:
-                        self.metrics[f"{stage}_{v}"] = PreferenceMetrics(names)
+        if dm is not None and hasattr(dm, "splits"):
+            add_stage_metrics(self.metrics, dm.splits, VARIANTS)
 
     def _maybe_precompute(self, stages) -> None:
         if self.hparams.precompute_reference:
@@ -356,32 +348,11 @@ class DPOModule(CausalLMModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def _log_metrics(self, stage: str, skip_overall: bool = False) -> dict:
-        """Compute (synced across processes by torchmetrics), log and reset; returns variant -> figures.
-
-        Names: ``val/rewards/accuracies``, ``val/rewards/accuracies/r_<community>``, ``.../macro``,
-        ``.../worst``; for the variants ``val/none/...`` and ``val/random/...``.
-        """
-        results = {}
-        for variant in ("true", *VARIANTS):
-            key = f"{stage}_{variant}"
-            if key not in self.metrics:
-                continue
-            values = self.metrics[key].compute()
-            self.metrics[key].reset()
-            if skip_overall:
-                values = {k: v for k, v in values.items() if "/r_" in k or k.endswith(("/macro", "/worst"))}
-            prefix = stage if variant == "true" else f"{stage}/{variant}"
-            if not self.trainer.sanity_checking:
-                self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
-            results[variant] = values
-        return results
-
     def on_train_epoch_end(self) -> None:
-        self._log_metrics("train", skip_overall=True)  # overall train figures are logged every step
+        log_stage_metrics(self, "train", skip_overall=True)  # overall train figures are logged every step
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        log_stage_metrics(self, "val")
 
     def on_export(self, folder: Path) -> None:
         """Record next to the weights which reference they were trained against, so ``validate``/``test``
@@ -391,7 +362,7 @@ class DPOModule(CausalLMModule):
         (folder / TRAINED_AGAINST).write_text(json.dumps(record, indent=2))
 
     def on_test_epoch_end(self) -> None:
-        write_test_metrics(self.trainer, self.hparams.model_name_or_path, self._log_metrics("test"))
+        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_stage_metrics(self, "test"))
 
 
 def _absolute(name_or_path: str) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 from torchmetrics import Metric
+
+STAGE_SPLIT = {"train": "train_pref", "val": "validation_pref", "test": "test_pref"}
 
 # the figures logged for every pair, in this order (rows of the metric's state)
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -64,3 +67,42 @@ class PreferenceMetrics(Metric):
             out["rewards/accuracies/macro"] = float(per.mean())
             out["rewards/accuracies/worst"] = float(per.min())
         return out
+
+
+def add_stage_metrics(metrics: nn.ModuleDict, splits: dict, variants: Sequence[str] = (),
+                      with_logps: bool = True) -> None:
+    """One ``PreferenceMetrics`` per prepared split, keyed ``<stage>_true``; for val/test splits that carry
+    conditioning variants, also ``<stage>_<variant>`` (e.g. ``val_none``)."""
+    from personalm.compred import communities
+
+    for stage, split in STAGE_SPLIT.items():
+        if split in splits and f"{stage}_true" not in metrics:
+            names = communities(splits[split])
+            metrics[f"{stage}_true"] = PreferenceMetrics(names, with_logps)
+            if stage != "train" and "none_prompt_ids" in splits[split].column_names:
+                for variant in variants:
+                    metrics[f"{stage}_{variant}"] = PreferenceMetrics(names, with_logps)
+
+
+def log_stage_metrics(module, stage: str, skip_overall: bool = False) -> dict:
+    """Compute (synced across processes by torchmetrics), log and reset a stage's metrics; returns
+    variant -> figures.
+
+    Names: ``val/rewards/accuracies``, ``val/rewards/accuracies/r_<community>``, ``.../macro``,
+    ``.../worst``; for the variants ``val/none/...`` and ``val/random/...``. ``skip_overall`` keeps the
+    per-community, macro and worst figures only (for figures already logged every step).
+    """
+    results = {}
+    for key, metric in module.metrics.items():
+        if not key.startswith(f"{stage}_"):
+            continue
+        variant = key[len(stage) + 1:]
+        values = metric.compute()
+        metric.reset()
+        if skip_overall:
+            values = {k: v for k, v in values.items() if "/r_" in k or k.endswith(("/macro", "/worst"))}
+        prefix = stage if variant == "true" else f"{stage}/{variant}"
+        if not module.trainer.sanity_checking:
+            module.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
+        results[variant] = values
+    return results

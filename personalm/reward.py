@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalm.dpo import STAGE_SPLIT, write_test_metrics
+from personalm.dpo import write_test_metrics
 from personalm.encoding import encode_batch, sequences
 from personalm.judge import Comparison, Verdict
 from personalm.lm_module import CausalLMModule
-from personalm.metrics import PreferenceMetrics
+from personalm.metrics import add_stage_metrics, log_stage_metrics
 from personalm.models import load_reward_model, load_tokenizer, resolve
 
 
@@ -52,20 +52,15 @@ class RewardModule(CausalLMModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is None or not hasattr(dm, "splits"):
-            return
-        from personalm.compred import communities
-
-        for name, split in STAGE_SPLIT.items():
-            if split in dm.splits and f"{name}_pairs" not in self.metrics:  # "train" is taken by nn.Module
-                self.metrics[f"{name}_pairs"] = PreferenceMetrics(communities(dm.splits[split]), with_logps=False)
+        if dm is not None and hasattr(dm, "splits"):
+            add_stage_metrics(self.metrics, dm.splits, with_logps=False)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         r = self.rewards(batch)
         n = len(batch["community"])
         losses = bradley_terry_loss(r[:n], r[n:])
-        if f"{stage}_pairs" in self.metrics:
-            self.metrics[f"{stage}_pairs"].update(batch["community"], losses, r[:n].detach(), r[n:].detach())
+        if f"{stage}_true" in self.metrics:
+            self.metrics[f"{stage}_true"].update(batch["community"], losses, r[:n].detach(), r[n:].detach())
         return losses
 
     def training_step(self, batch, batch_idx):
@@ -82,25 +77,14 @@ class RewardModule(CausalLMModule):
     def predict_step(self, batch, batch_idx):
         raise NotImplementedError("a reward model does not generate; use personalm.judge with RewardJudge")
 
-    def _log_metrics(self, stage: str) -> dict:
-        values = self.metrics[f"{stage}_pairs"].compute()
-        self.metrics[f"{stage}_pairs"].reset()
-        if not self.trainer.sanity_checking:
-            self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        return values
-
     def on_train_epoch_end(self) -> None:
-        if "train_pairs" in self.metrics:
-            self._log_metrics("train")
+        log_stage_metrics(self, "train")
 
     def on_validation_epoch_end(self) -> None:
-        if "val_pairs" in self.metrics:
-            self._log_metrics("val")
+        log_stage_metrics(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        if "test_pairs" in self.metrics:
-            write_test_metrics(self.trainer, self.hparams.model_name_or_path, {"true": self._log_metrics("test")})
-
+        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_stage_metrics(self, "test"))
 
 class RewardJudge:
     """``personalm.judge.Judge`` backed by a trained reward model: both responses are scored in the
