@@ -357,9 +357,11 @@ def main(argv=None) -> dict:
     print(report.read_text().split("## Win rates")[0].split("## Preference accuracy on test_pref (%)")[1].strip())
     for name in ("judge_context_vs_no_context", "judge_context_vs_random"):
         result = json.loads((root / name / done[name]["outputs"]["result"]).read_text())
-        lo, hi = result["overall"]["ci95"]
-        print(f"\nWin rate, {result['a']} vs {result['b']}: {result['overall']['win_rate']:.3f} "
-              f"(95% CI {lo:.3f}-{hi:.3f}, {result['overall']['n']} posts); per community in the report")
+        overall = result["overall"]  # rate and CI are None when every verdict failed (e.g. an LLM judge)
+        rate = "n/a" if overall["win_rate"] is None else f"{overall['win_rate']:.3f}"
+        ci = "n/a" if overall["ci95"][0] is None else "{:.3f}-{:.3f}".format(*overall["ci95"])
+        print(f"\nWin rate, {result['a']} vs {result['b']}: {rate} (95% CI {ci}, {overall['n']} posts, "
+              f"{overall['failed']} failed verdicts); per community in the report")
     print(f"""
   TensorBoard logs : tensorboard --logdir {root}
   stages           : {root}/<stage>/ (logs, checkpoints and hf_model under lightning_logs/version_0)
