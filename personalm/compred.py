@@ -56,8 +56,10 @@ class PrepStats:
     rows: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count (content problems, documented skips)
     subsampled_out: int = 0
-    shortened: int = 0
-    dropped: int = 0  # rows that could not be fitted into max_length
+    shortened: int = 0  # rows whose post was shortened or whose response tail was cut
+    post_shortened: int = 0  # rows whose post body was shortened to fit the prompt budget
+    response_cut: int = 0  # rows with a response cut to fit max_length
+    dropped: int = 0  # rows whose markers, community and title alone exceed the prompt budget
     rows_out: int = 0  # rows served
 
     def skip(self, reason: str, count: int) -> None:
@@ -89,6 +91,16 @@ def split_files(root: Path, subset: str, split: str) -> list[Path]:
         have = sorted(p.name for p in folder.iterdir())
         raise ComPreDDataError(f"split {split!r} not found in {folder} (files present: {have})")
     return files
+
+
+def describe_source(dataset: str, subsets: Sequence[str], split: str) -> str:
+    """Where a split's rows come from, for error messages: its files, or the Hub id, config and split."""
+    if not is_local(dataset):
+        return ", ".join(f"{dataset}:{f'{s}_test_prompts' if split == PROMPT_SPLIT else s}/{split}" for s in subsets)
+    try:
+        return ", ".join(str(p) for s in subsets for p in split_files(Path(dataset).expanduser(), s, split))
+    except ComPreDDataError:
+        return f"{dataset} ({', '.join(subsets)}/{split})"
 
 
 def load_split(dataset: str, subset: str, split: str, cache_dir: Optional[str] = None) -> datasets.Dataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import datasets
@@ -12,10 +13,12 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from personalm import compred, embedded
-from personalm.encoding import collate_preference, collate_prompts, collate_sft, encode_batch
+from personalm import compred, embedded, encoding, prompt
+from personalm.encoding import collate_preference, collate_prompts, collate_sft, encode_batch, prompt_budget
 from personalm.models import load_tokenizer
 from personalm.prompt import community_string, random_other_community
+
+ROW_SHAPING_MODULES = (prompt, encoding, compred)  # their source is part of the tokenization cache key
 
 SPLIT_FOR_STAGE = {"fit": "train_pref", "validate": "validation_pref", "test": "test_pref",
                    "predict": compred.PROMPT_SPLIT}
@@ -41,8 +44,9 @@ class ComPreDDataModule(L.LightningDataModule):
         max_pairs_per_post: at most this many training pairs per post, drawn under ``seed`` (paper: 5).
         max_train_pairs: optional seeded cap on training rows after subsampling (quick runs).
         max_eval_pairs: optional seeded cap on validation/test rows.
-        max_length: tokens of prompt + response; the post body is shortened first, then the response.
-        max_prompt_length: optional cap on prompt tokens (paper's DPO: 512).
+        max_length: tokens of prompt + response; a response's tail is cut to fit.
+        max_prompt_length: tokens the prompt may take (paper's DPO: 512); markers, community and title stay
+            whole, the post body is shortened from its end. Default: half of ``max_length``.
         batch_size: training batch size (pairs for preference rows).
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers (0 is fastest for the tiny demo on CPU).
@@ -78,6 +82,7 @@ class ComPreDDataModule(L.LightningDataModule):
             raise ValueError("random_community replaces the community name, so it needs contextualize: true")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        prompt_budget(max_length, max_prompt_length)  # max_prompt_length >= max_length fails here, at start-up
         self.save_hyperparameters()
         self.subsets = [subset] if isinstance(subset, str) else list(subset)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -119,36 +124,52 @@ class ComPreDDataModule(L.LightningDataModule):
         stats = compred.PrepStats()
         if split == compred.PROMPT_SPLIT:
             ds = compred.load_prompts(self.source, self.subsets, stats, hp.cache_dir)
+            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
         else:
             ds = compred.load_pairs(self.source, self.subsets, split, stats, hp.cache_dir)
+            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
             if split == "train_pref":
+                n = ds.num_rows
                 ds = compred.subsample(ds, hp.min_score_ratio, hp.max_pairs_per_post, hp.seed, stats)
+                self._require_rows(ds, split, stats, f"the score-ratio threshold (min_score_ratio: "
+                                   f"{hp.min_score_ratio}; none of the {n} pairs reaches it)")
                 ds = compred.seeded_limit(ds, hp.max_train_pairs, hp.seed)
             else:
                 ds = compred.seeded_limit(ds, hp.max_eval_pairs, hp.seed)
         ds = self._tokenize(ds, split)
-        stats.shortened = compred.count_true(ds, "shortened")
-        stats.dropped = compred.count_true(ds, "dropped")
+        for name in ("shortened", "post_shortened", "response_cut", "dropped"):
+            setattr(stats, name, compred.count_true(ds, name))
         if stats.dropped:
             ds = compred.drop_where(ds, "dropped")  # then renumber: "index" is the row's position in the
             ds = ds.map(lambda _, i: {"index": i}, with_indices=True, desc=f"renumber {split}")  # split
+        budget = prompt_budget(hp.max_length, hp.max_prompt_length)
+        self._require_rows(ds, split, stats, f"the length limits (markers, community and title of every row "
+                           f"exceed the prompt budget of {budget} tokens; raise max_prompt_length/max_length)")
         stats.rows_out = ds.num_rows
         self.stats[split] = stats
         rank_zero_info(
             f"[personalm] {split}: {stats.rows} rows read, skipped {stats.skipped or 'none'}, "
-            f"{stats.subsampled_out} left out by subsampling, {stats.shortened} shortened to "
-            f"{hp.max_length} tokens, {stats.dropped} dropped (no room for a response), {ds.num_rows} used")
-        if ds.num_rows == 0:
-            raise ValueError(f"{split}: no rows left after preparation ({stats})")
+            f"{stats.subsampled_out} left out by subsampling, {stats.post_shortened} posts shortened to fit "
+            f"{budget} prompt tokens, {stats.response_cut} with a response cut to fit {hp.max_length} tokens, "
+            f"{stats.dropped} dropped (markers and title alone over {budget} tokens), {ds.num_rows} used")
         return ds
 
+    def _require_rows(self, ds: datasets.Dataset, split: str, stats: compred.PrepStats, after: str) -> None:
+        if ds.num_rows == 0:
+            source = compred.describe_source(self.source, self.subsets, split)
+            raise compred.ComPreDDataError(f"{split} of {source}: no rows left after {after}; {stats.rows} rows read")
+
     def _fingerprint(self, ds: datasets.Dataset, split: str) -> str:
+        """Cache key of a tokenized split: its data, the settings and tokenizer that shape the rows, and the
+        source of every module that does (a change to the template or the encoding is a new key)."""
         keys = ("rows", "contextualize", "random_community", "conditioning_variants", "max_length",
                 "max_prompt_length", "seed")
         tok = self.tokenizer
         tok_id = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else tok.name_or_path
+        code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in [__file__, *(m.__file__ for m in ROW_SHAPING_MODULES)]))
+        code = code.hexdigest()
         blob = json.dumps([ds._fingerprint, split, {k: self.hparams[k] for k in keys}, tok_id, tok.eos_token_id,
-                           tok.bos_token_id, "v1"], sort_keys=True, default=str)
+                           tok.bos_token_id, code], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
@@ -156,7 +177,7 @@ class ComPreDDataModule(L.LightningDataModule):
         all_communities = compred.communities(ds)
         prompts_only = split == compred.PROMPT_SPLIT
         preference = hp.rows == "preference" and not prompts_only
-        variants = preference and hp.conditioning_variants and split != "train_pref"
+        variants = ("none", "random") if preference and hp.conditioning_variants and split != "train_pref" else ()
 
         def shown(community: str, post_id: str, mode: str) -> str:
             if mode == "random":
@@ -166,22 +187,22 @@ class ComPreDDataModule(L.LightningDataModule):
         mode = "random" if hp.random_community else ("true" if hp.contextualize else "none")
 
         def encode_rows(batch: dict, indices: list[int]) -> dict:
-            shown_as = [shown(c, p, mode) for c, p in zip(batch["community"], batch["post_id"])]
+            rows = list(zip(batch["community"], batch["post_id"]))
+            shown_as = [shown(c, p, mode) for c, p in rows]
             responses = [] if prompts_only else [batch["chosen"]] + ([batch["rejected"]] if preference else [])
+            alternatives = [[shown(c, p, name) for c, p in rows] for name in variants]  # same post, same responses
             enc = encode_batch(tok, shown_as, batch["title"], batch["post"], responses, hp.max_length,
-                               hp.max_prompt_length)
+                               hp.max_prompt_length, variants=alternatives)
             out = {"index": indices, "prompt_community": shown_as, "prompt_ids": [e.prompt_ids for e in enc],
-                   "shortened": [e.shortened for e in enc], "dropped": [e.dropped for e in enc]}
+                   "post_chars": [e.post_chars for e in enc], "shortened": [e.shortened for e in enc],
+                   "post_shortened": [e.post_shortened for e in enc], "response_cut": [e.response_cut for e in enc],
+                   "dropped": [e.dropped for e in enc]}
             if not prompts_only:
                 out["chosen_ids"] = [e.response_ids[0] if e.response_ids else [] for e in enc]
             if preference:
                 out["rejected_ids"] = [e.response_ids[1] if e.response_ids else [] for e in enc]
-            if variants:  # same pairs, prompt without community and with a wrong one
-                for name in ("none", "random"):
-                    alt = [shown(c, p, name) for c, p in zip(batch["community"], batch["post_id"])]
-                    alt_enc = encode_batch(tok, alt, batch["title"], batch["post"], [], hp.max_length,
-                                           hp.max_prompt_length)
-                    out[f"{name}_prompt_ids"] = [a.prompt_ids for a in alt_enc]
+            for v, name in enumerate(variants):  # the same pairs, prompt without community / with a wrong one
+                out[f"{name}_prompt_ids"] = [e.variant_prompt_ids[v] if e.variant_prompt_ids else [] for e in enc]
             return out
 
         return ds.map(encode_rows, batched=True, with_indices=True, desc=f"tokenize {split}",

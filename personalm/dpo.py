@@ -109,15 +109,11 @@ class DPOModule(CausalLMModule):
         if self._fn() != "predict":  # generating needs no reference
             self._check_reference_tokenizer()
 
-    def _fn(self) -> Optional[str]:
-        """``fit``, ``validate``, ``test``, ``predict``, or None outside a Trainer."""
-        return self._trainer.state.fn if self._trainer is not None else None
-
     @property
     def _adapters_off(self) -> bool:
         """The reference is the policy with its LoRA adapters disabled: only while training from the SFT
         weights. A trained export evaluated later gets a copy of the reference it was trained against."""
-        return self.hparams.reference == "adapters_off" and self._fn() in (None, "fit")
+        return self.hparams.reference == "adapters_off" and self.training_run
 
     def _check_reference_tokenizer(self) -> None:
         name = self.reference_source
@@ -136,9 +132,9 @@ class DPOModule(CausalLMModule):
         hp = self.hparams
         if hp.reference_name_or_path:
             return hp.reference_name_or_path
-        record = Path(resolve(hp.model_name_or_path)) / TRAINED_AGAINST
-        if record.is_file() and self._fn() not in (None, "fit"):
-            source = json.loads(record.read_text())["reference"]
+        record = self._trained_against()
+        if record is not None:
+            source = record["reference"]
             try:
                 resolve(source)
             except FileNotFoundError:
@@ -146,6 +142,22 @@ class DPOModule(CausalLMModule):
                                         f"(see {record}), which is gone; pass reference_name_or_path") from None
             return source
         return hp.model_name_or_path
+
+    def _trained_against(self) -> Optional[dict]:
+        """When evaluating a DPO export: the record of the reference it was trained against."""
+        record = Path(resolve(self.hparams.model_name_or_path)) / TRAINED_AGAINST
+        if self.training_run or not record.is_file():
+            return None
+        return json.loads(record.read_text())
+
+    @property
+    def reference_dtype(self) -> Optional[str]:
+        """The reference's dtype: ``dtype`` in training; when evaluating a DPO export, the dtype its
+        reference had in training (recorded), so its rewards are the ones it was trained on."""
+        record = self._trained_against()
+        if record is not None and "reference_dtype" in record and not self.hparams.reference_name_or_path:
+            return record["reference_dtype"]
+        return self.load_dtype
 
     @property
     def reference(self) -> Optional[nn.Module]:
@@ -155,7 +167,7 @@ class DPOModule(CausalLMModule):
             return None
         if not self._frozen:
             with self._rng_untouched():  # loading the reference must not change the training's randomness
-                ref = load_causal_lm(self.reference_source, hp.dtype)
+                ref = load_causal_lm(self.reference_source, self.reference_dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
                 ref = ref.merge_and_unload()
             if ref.get_input_embeddings().num_embeddings != self.model.get_input_embeddings().num_embeddings:
@@ -295,6 +307,7 @@ class DPOModule(CausalLMModule):
     # -- Lightning hooks ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "splits"):
             add_stage_metrics(self.metrics, dm.splits, VARIANTS)
@@ -357,8 +370,8 @@ class DPOModule(CausalLMModule):
     def on_export(self, folder: Path) -> None:
         """Record next to the weights which reference they were trained against, so ``validate``/``test``
         of the export measure rewards against that reference."""
-        record = {"reference": _absolute(self.reference_source), "beta": self.hparams.beta,
-                  "loss_type": self.hparams.loss_type}
+        record = {"reference": _absolute(self.reference_source), "reference_dtype": self.hparams.dtype,
+                  "beta": self.hparams.beta, "loss_type": self.hparams.loss_type}
         (folder / TRAINED_AGAINST).write_text(json.dumps(record, indent=2))
 
     def on_test_epoch_end(self) -> None:

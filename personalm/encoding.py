@@ -1,13 +1,27 @@
-"""Tokenization with truncation counted in tokens, and the collate functions. Pure functions.
+"""Tokenization of the template with truncation counted in tokens, and the collate functions. Pure functions.
 
-Lengths are token counts (the original counted characters). When prompt + response exceed
-``max_length`` the post body is shortened first (template markers and title stay whole), then the
-response's tail; a row whose fixed prompt part alone leaves no room for a response is dropped.
+One tokenization of the prompt: the prompt's ids are exactly what the tokenizer itself gives for the final
+prompt text (``tokenizer(format_prompt(...), split_special_tokens=True)``: its own BOS rule, and text such
+as ``</s>`` in a Reddit post never parsed into a control token). Tokenizing the template in pieces would
+not do: a SentencePiece tokenizer (Llama, Mistral) gives every piece its own leading ``▁``, so the model
+would be trained on ids that no other tool serving it (vLLM, a pipeline) produces.
+
+Lengths are token counts (the original counted characters):
+
+- the prompt keeps up to ``prompt_budget(max_length, max_prompt_length)`` tokens: markers, community and
+  title always whole, the post body shortened from its end on a token boundary taken from the
+  tokenizer's offsets, then the shortened text tokenized again (and shortened again if that overshoots);
+- each response is tokenized on its own, then EOS, and its tail is cut to fit ``max_length``;
+- a row is dropped only when markers, community and title alone leave no room.
+
+Rows scored under several community strings (the "no community" / "random community" evaluation
+variants) share one post text and the same responses, so their columns compare like with like.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -17,89 +31,194 @@ from personalm.prompt import prompt_parts
 IGNORE_INDEX = -100  # label value that cross-entropy ignores: prompt and padding
 
 
+def prompt_budget(max_length: int, max_prompt_length: Optional[int] = None) -> int:
+    """Tokens the prompt may take: ``max_prompt_length``, or half of ``max_length`` when unset (the
+    paper's DPO ratio, 512 of 1024), so a long answer never erases the post and a long post never
+    erases the answer."""
+    if max_prompt_length is None:
+        return max(max_length // 2, 1)
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be positive and smaller than max_length "
+                         f"({max_length}): the response needs at least one token")
+    return max_prompt_length
+
+
 @dataclass
 class Encoded:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the prompt with the first community string, BOS included where the tokenizer adds one
     response_ids: list[list[int]]  # one per response given; each ends in EOS unless its tail was cut
-    shortened: bool
-    dropped: bool  # no room for any response token
+    post_chars: int  # characters of the post body kept in the prompt (its full length when whole)
+    post_shortened: bool
+    response_cut: bool
+    dropped: bool  # markers, community and title alone leave no room
+    variant_prompt_ids: list[list[int]] = field(default_factory=list)  # same post text, other community strings
+
+    @property
+    def shortened(self) -> bool:
+        return self.post_shortened or self.response_cut
 
 
-def _batch_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of many texts in one batched tokenizer call; '' -> [].
+class PlainTokenizer:
+    """Text -> ids as ``tokenizer(text, add_special_tokens=False, split_special_tokens=True)`` gives them,
+    with character offsets, for many texts in one call.
 
-    A fast tokenizer's Rust backend is called directly: transformers' wrapper converts every encoding
-    in Python, which made it ~5x slower on a million rows. Slow tokenizers go through the wrapper.
+    A fast tokenizer's Rust backend is called directly (transformers' wrapper converts every encoding in
+    Python, ~5x slower on a million rows), on a private copy set to encode special-token text as text.
+    A tokenizer without a Rust backend goes through the wrapper and has no offsets (prompts are then
+    shortened by bisection on characters).
     """
-    unique = [t for t in dict.fromkeys(texts) if t]  # pairs of one post repeat its title, body, responses
-    if not unique:
-        return [[] for _ in texts]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        ids = [e.ids for e in backend.encode_batch(unique, add_special_tokens=False)]
-    else:
-        ids = tokenizer(unique, add_special_tokens=False)["input_ids"]
-    by_text = dict(zip(unique, ids))
-    return [list(by_text[t]) if t else [] for t in texts]
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.encode_special_tokens = True  # "</s>" in a comment stays three pieces of text
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend
+        self.bos = special_prefix(tokenizer)
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[list[int], Optional[list[tuple[int, int]]]]]:
+        """(ids, offsets) per text; texts repeated in the batch (pairs of one post) are tokenized once."""
+        unique = [t for t in dict.fromkeys(texts) if t]
+        if self.backend is not None:
+            found = {t: (e.ids, e.offsets) for t, e in zip(unique, self.backend.encode_batch(
+                unique, add_special_tokens=False))}
+        else:
+            ids = self.tokenizer(unique, add_special_tokens=False, split_special_tokens=True)["input_ids"] if unique else []
+            found = {t: (i, None) for t, i in zip(unique, ids)}
+        return [(list(found[t][0]), found[t][1]) if t else ([], []) for t in texts]
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [ids for ids, _ in self.encode(texts)]
 
 
-def bos_prefix(tokenizer) -> list[int]:
-    """The BOS id if this tokenizer puts one in front of its inputs (Llama does, GPT-2 does not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
-    return [bos] if ids and ids[0] == bos else []
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def fit_to_length(fixed: list[int], post: list[int], tail: list[int], responses: Sequence[list[int]],
-                  max_length: int, max_prompt_length: Optional[int] = None) -> Encoded:
-    """Fit prompt (``fixed + post + tail``) and responses into ``max_length`` tokens.
+def plain_tokenizer(tokenizer) -> PlainTokenizer:
+    """The ``PlainTokenizer`` of a tokenizer, built once (copying a 32k-vocabulary backend takes a while)."""
+    if isinstance(tokenizer, PlainTokenizer):
+        return tokenizer
+    try:
+        plain = _PLAIN.get(tokenizer)
+        if plain is None:
+            plain = _PLAIN[tokenizer] = PlainTokenizer(tokenizer)
+        return plain
+    except TypeError:  # not weak-referenceable
+        return PlainTokenizer(tokenizer)
 
-    The post body is shortened first; then each response's tail. With several responses (chosen,
-    rejected) the prompt is fitted to the longest, so both share one prompt. Without responses
-    (generation prompts) the prompt gets ``max_prompt_length`` or ``max_length - 1`` tokens.
+
+def special_prefix(tokenizer) -> list[int]:
+    """What the tokenizer itself puts in front of an input (BOS for Llama and Mistral, nothing for GPT-2).
+    A suffix it may add (some add EOS) is left out: a response follows the prompt."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k:k + len(plain)] == plain:
+            return list(with_special[:k])
+    return []
+
+
+bos_prefix = special_prefix  # the earlier name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _cut_point(head: str, post: str, offsets: Optional[list[tuple[int, int]]], excess: int, text_chars: int,
+               tokens: int) -> int:
+    """Characters of ``post`` to keep so that ``excess`` fewer tokens remain: the start of the first post
+    token to remove, from the tokenizer's offsets of ``head + post + tail``. Always < len(post).
+
+    Without offsets (a tokenizer with no Rust backend) the cut is estimated from the text's characters
+    per token; the caller tokenizes the result again and cuts further if needed.
     """
-    shortened = False
-    prompt_budget = max_length - max((len(r) for r in responses), default=1)
-    if max_prompt_length is not None:
-        prompt_budget = min(prompt_budget, max_prompt_length)
-    room_for_post = prompt_budget - len(fixed) - len(tail)
-    if len(post) > room_for_post:
-        post = post[: max(room_for_post, 0)]
-        shortened = True
-    prompt = fixed + post + tail
-    room = max_length - len(prompt)
-    too_long = len(prompt) > (prompt_budget if not responses else (max_prompt_length or max_length))
-    if too_long or room <= 0:  # title + markers alone leave no room
-        return Encoded(prompt, [], shortened, dropped=True)
-    if any(len(r) > room for r in responses):
-        shortened = True
-        responses = [r[:room] for r in responses]  # a cut response has no EOS: it did not end there
-    return Encoded(prompt, list(responses), shortened, dropped=False)
+    if offsets is None:
+        return max(min(len(post) - int(excess * text_chars / max(tokens, 1) + 1), len(post) - 1), 0)
+    lo, hi = len(head), len(head) + len(post)
+    starts = [s for s, e in offsets if lo <= s < hi and e > s]  # tokens that begin inside the post
+    if len(starts) <= excess:
+        return 0
+    return min(starts[len(starts) - excess] - lo, len(post) - 1)
+
+
+def fit_prompts(plain: PlainTokenizer, heads: Sequence[str], posts: Sequence[str], tail: str,
+                budget: int) -> list[Optional[tuple[list[int], int]]]:
+    """``(ids, characters of the post kept)`` of ``head + post[:kept] + tail`` for the longest post prefix
+    that fits ``budget`` tokens (BOS included), cut where a token of the post begins; None where even the
+    empty post does not fit. Every round tokenizes the final texts once, in one batch."""
+    keep = [len(p) for p in posts]
+    result: list[Optional[tuple[list[int], int]]] = [None] * len(heads)
+    pending = list(range(len(heads)))
+    while pending:
+        encoded = plain.encode([heads[i] + posts[i][:keep[i]] + tail for i in pending])
+        again = []
+        for i, (ids, offsets) in zip(pending, encoded):
+            total = len(plain.bos) + len(ids)
+            if total <= budget:
+                result[i] = (plain.bos + ids, keep[i])
+            elif keep[i] > 0:  # shorten the post and tokenize the shorter text again
+                keep[i] = _cut_point(heads[i], posts[i][:keep[i]], offsets, total - budget,
+                                     len(heads[i]) + keep[i] + len(tail), len(ids))
+                again.append(i)
+        pending = again
+    return result
 
 
 def encode_batch(tokenizer, communities: Sequence[str], titles: Sequence[str], posts: Sequence[str],
                  responses: Sequence[Sequence[str]] = (), max_length: int = 1024,
-                 max_prompt_length: Optional[int] = None) -> list[Encoded]:
-    """Token ids for the template's prompt and responses of many rows, each fitted into ``max_length``.
+                 max_prompt_length: Optional[int] = None,
+                 variants: Sequence[Sequence[str]] = ()) -> list[Encoded]:
+    """Token ids of the template's prompt and the responses of many rows.
 
-    ``responses`` holds one list of texts per response kind (e.g. ``[chosen, rejected]``), each as long
-    as ``titles``. Every piece is tokenized on its own (as TRL does for prompt and completion), so the
-    same prompt gives the same ids in training and in generation.
+    ``responses`` holds one list of texts per response kind (e.g. ``[chosen, rejected]``), ``variants``
+    one list of community strings per extra prompt (e.g. ``["Reddit", ...]``, ``["r/Frugal", ...]``); each
+    list as long as ``titles``. Without responses (generation prompts) the prompt is the same as in
+    training, so a model is asked exactly what it was trained on.
     """
+    plain = plain_tokenizer(tokenizer)
+    budget = prompt_budget(max_length, max_prompt_length)
     n = len(titles)
-    parts = [prompt_parts(c, t, p) for c, t, p in zip(communities, titles, posts)]
-    distinct_heads = sorted({p[0] for p in parts})  # one per community string: tokenize each once
-    heads = dict(zip(distinct_heads, _batch_ids(tokenizer, distinct_heads)))
-    tail = _batch_ids(tokenizer, [parts[0][3]])[0] if n else []
-    title_ids = _batch_ids(tokenizer, [p[1] for p in parts])
-    post_ids = _batch_ids(tokenizer, [p[2] for p in parts])
-    eos = [tokenizer.eos_token_id]
-    resp_ids = [[ids + eos for ids in _batch_ids(tokenizer, texts)] for texts in responses]
-    bos = bos_prefix(tokenizer)
-    return [fit_to_length(bos + heads[parts[i][0]] + title_ids[i], post_ids[i], tail,
-                          [r[i] for r in resp_ids], max_length, max_prompt_length) for i in range(n)]
+    columns = [list(communities), *[list(v) for v in variants]]
+    heads = [[h + t for h, t, _, _ in (prompt_parts(c, title, "") for c, title in zip(col, titles))] for col in columns]
+    tail = prompt_parts("", "", "")[3]
+    keep = [len(p) for p in posts]
+    fitted: list[list] = [[None] * n for _ in heads]
+    todo = list(range(n))
+    while todo:  # every community string gets the same post text: the shortest any of them needs
+        for f, h in zip(fitted, heads):
+            for i, r in zip(todo, fit_prompts(plain, [h[i] for i in todo], [posts[i][:keep[i]] for i in todo],
+                                              tail, budget)):
+                f[i] = r
+        again = []
+        for i in todo:
+            kept = [f[i][1] for f in fitted if f[i] is not None]
+            if len(kept) == len(fitted):  # else dropped: some prompt does not fit even without the post
+                again += [i] if min(kept) < max(kept) else []
+                keep[i] = min(kept)
+        todo = again
+    resp_ids = [[ids + [plain.eos] for ids in plain.ids(texts)] for texts in responses]
+    out = []
+    for i in range(n):
+        prompts = [f[i] for f in fitted]
+        if any(p is None for p in prompts):
+            out.append(Encoded(prompt_ids=[], response_ids=[], post_chars=0, post_shortened=True,
+                               response_cut=False, dropped=True))
+            continue
+        room = max_length - max(len(p[0]) for p in prompts)
+        mine = [r[i] for r in resp_ids]
+        cut = any(len(r) > room for r in mine)
+        out.append(Encoded(prompt_ids=prompts[0][0], response_ids=[r[:room] for r in mine],  # a cut response
+                           post_chars=keep[i], post_shortened=keep[i] < len(posts[i]),  # has no EOS: it
+                           response_cut=cut, dropped=False,  # did not end there
+                           variant_prompt_ids=[p[0] for p in prompts[1:]]))
+    return out
 
 
 def encode(tokenizer, community: str, title: str, post: str, responses: Sequence[str] = (),
@@ -145,10 +264,16 @@ def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def _post_ids(rows: Sequence[dict]) -> list:
+    """The posts of a batch (named when a step goes wrong); rows built by hand may lack them."""
+    return [r.get("post_id") for r in rows]
+
+
 def collate_sft(rows: Sequence[dict], pad_id: int) -> dict:
     _require(rows, ("prompt_ids", "chosen_ids", "community"), "collate_sft")
     batch = sequences([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id)
     batch["community"] = [r["community"] for r in rows]
+    batch["post_id"] = _post_ids(rows)
     return batch
 
 
@@ -159,6 +284,7 @@ def collate_preference(rows: Sequence[dict], pad_id: int) -> dict:
     responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     batch = sequences(prompts, responses, pad_id)
     batch["community"] = [r["community"] for r in rows]
+    batch["post_id"] = _post_ids(rows)
     batch["index"] = torch.tensor([r["index"] for r in rows])
     for extra in ("none_prompt_ids", "random_prompt_ids"):  # conditioning-sensitivity variants
         if extra in rows[0]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from personalm import embedded
 
 log = logging.getLogger(__name__)
+
+EXPORT_RECORD = "personalm_export.json"  # in an export: the dtype it was saved in and how LoRA was treated
 
 # Llama's attention and MLP projections; other architectures name theirs differently (set target_modules).
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,16 +114,60 @@ def _load(kind: str, name_or_path: str, dtype: Optional[str], lora: Optional[Lor
     return model
 
 
-def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True):
+def upcast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Hold every trainable tensor in fp32; returns how many elements were upcast.
+
+    ``bf16-mixed`` computes in bf16 but keeps no fp32 master copy of weights that are themselves bf16:
+    AdamW's update (about lr: 2e-7 in the paper's DPO) then rounds away against bf16's step of ~4e-3 of
+    the weight. peft already keeps LoRA adapters in fp32; a trainable head (the reward model's ``score``,
+    copied by peft's ``modules_to_save``) and full fine-tuning's weights are upcast here. Frozen weights
+    keep their dtype: a bf16 base stays bf16.
+    """
+    upcast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            upcast += p.numel()
+    return upcast
+
+
+def merge_lora_in_fp32(model):
+    """Merge LoRA adapters into base weights upcast to fp32 first, then unload peft's wrappers.
+
+    Merging in the base's bf16 would round a small delta (lr 2e-7) away: the merged model would be the
+    starting model. Returns the plain merged model (fp32 where adapters were; other weights unchanged).
+    """
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A"):
+            for p in base.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.float()
+    return model.merge_and_unload()
+
+
+def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Optional[str] = "float32"):
     """Save in Hugging Face format (``save_pretrained``): plain transformers (or peft) loads it back.
 
-    With LoRA and ``merge_lora`` the adapters are merged into the base weights in place (no second copy
-    of a 7B model in memory) and the merged, plain model is returned; use it instead of ``model`` after.
+    With LoRA and ``merge_lora`` the adapters are merged in fp32, in place (no second copy of a 7B model in
+    memory), and the merged, plain model is returned; use it instead of ``model`` after. The weights are
+    saved in ``dtype`` (default fp32, which keeps every update; ``bfloat16`` halves the files but rounds
+    small updates away; None: as held). ``personalm_export.json`` records what was done; loading with
+    ``dtype: null`` (transformers' ``"auto"``) gives the weights back in the dtype they were saved in.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config") and merge_lora:
-        model = model.merge_and_unload()
+    held = {kind: sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad == grad})
+            for kind, grad in (("trainable", True), ("frozen", False))}
+    lora = None
+    if hasattr(model, "peft_config"):
+        lora = "merged in float32" if merge_lora else "adapter only (loads with its base through peft)"
+        if merge_lora:
+            model = merge_lora_in_fp32(model)
+    if dtype and not hasattr(model, "peft_config"):
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    saved = str(next(model.parameters()).dtype).replace("torch.", "")
+    (out / EXPORT_RECORD).write_text(json.dumps({"dtype": saved, "held_in_training": held, "lora": lora}, indent=2))
     return model

@@ -43,7 +43,8 @@ class RewardModule(CausalLMModule):
 
     def load_model(self):
         hp = self.hparams
-        return load_reward_model(hp.model_name_or_path, hp.dtype, hp.lora, hp.gradient_checkpointing,
+        return load_reward_model(hp.model_name_or_path, self.load_dtype, self.load_lora,
+                                 hp.gradient_checkpointing and self.training_run,
                                  pad_token_id=self.tokenizer.pad_token_id)
 
     def rewards(self, seqs: dict) -> torch.Tensor:
@@ -51,6 +52,7 @@ class RewardModule(CausalLMModule):
         return self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, 0].float()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "splits"):
             add_stage_metrics(self.metrics, dm.splits, with_logps=False)

@@ -13,6 +13,7 @@ os.environ["PERSONALM_CACHE"] = os.path.join(_CACHE, "personalm")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,6 +28,32 @@ def tokenizer():
     from personalm.models import load_tokenizer
 
     return load_tokenizer("embedded:tiny-llama")
+
+
+def write_mistral_tokenizer(folder: Path) -> Path:
+    """The Mistral-7B v0.1 SentencePiece tokenizer (32,000 tokens, Llama-2's scheme: BOS, "▁" prefixes, byte
+    fallback), shipped inside the mistral-common wheel (no download), in a folder AutoTokenizer loads.
+
+    ``LlamaTokenizer(vocab_file=...)`` on that file gives a 3-token vocabulary under transformers 5;
+    ``AutoTokenizer`` on a folder with ``tokenizer.model`` and this ``tokenizer_config.json`` loads all of it.
+    """
+    import mistral_common
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    from personalm.models import load_tokenizer
+
+    tok = load_tokenizer(str(write_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))))
+    assert len(tok) == 32000 and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    return tok
 
 
 @pytest.fixture(scope="session")

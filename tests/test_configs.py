@@ -61,3 +61,17 @@ def test_contextualize_is_a_real_bool():
         assert cfg.data.contextualize is expected
     with pytest.raises(SystemExit):
         parse("--config", str(CONFIGS / "demo" / "sft.yaml"), "--data.contextualize=maybe")
+
+
+def test_paper_dpo_recipe_is_lora_against_the_adapter_free_sft_model():
+    """ComPO's scripts/dpo.sh trained DPO with LoRA; beta 0.1, lr 2e-7, 1000 warmup steps; bf16 compute with
+    a bf16 frozen base (the adapters are held in fp32), exported in fp32 so the change of lr 2e-7 survives."""
+    cfg = parse("--config", str(CONFIGS / "paper" / "dpo.yaml"))
+    m = cfg.model.init_args
+    assert (m.beta, m.lr, m.warmup_steps, m.reference) == (0.1, 2e-7, 1000, "adapters_off")
+    assert (m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.merge_on_export) == (64, 16, 0.1, True)
+    assert m.dtype == "bfloat16" and m.export_dtype == "float32" and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.data.max_prompt_length, cfg.data.max_length) == (512, 1024)
+    full = parse("--config", str(CONFIGS / "paper" / "dpo_full.yaml"))
+    assert full.model.init_args.lora is None and full.model.init_args.reference == "copy"
+    assert "FSDP" in full.trainer.strategy.class_path and full.trainer.precision == "bf16-mixed"

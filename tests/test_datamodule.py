@@ -82,12 +82,53 @@ def test_prompts_one_per_post_and_stats(small_compred):
 
 
 def test_truncation_is_counted(small_compred):
-    d = dm(small_compred, max_length=40)
+    d = dm(small_compred, max_length=56, max_prompt_length=40)
     d.setup("validate")
     stats = d.stats["validation_pref"]
-    assert stats.shortened > 0
-    assert max(len(p) + len(c) for p, c in zip(d.splits["validation_pref"]["prompt_ids"],
-                                               d.splits["validation_pref"]["chosen_ids"])) <= 40
+    ds = d.splits["validation_pref"]
+    assert stats.post_shortened > 0 and stats.response_cut > 0 and stats.dropped == 0
+    assert stats.shortened == sum(a or b for a, b in zip(ds["post_shortened"], ds["response_cut"]))
+    assert max(len(p) for p in ds["prompt_ids"]) <= 40
+    assert max(len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["chosen_ids"])) <= 56
+
+
+def test_variant_rows_hold_the_true_rows_post_text_with_a_sentencepiece_tokenizer(small_compred, tmp_path):
+    """The none/random rows score the same post text and responses as the true row (Mistral's tokenizer)."""
+    from personalm.prompt import format_prompt
+    from tests.conftest import write_mistral_tokenizer
+
+    folder = write_mistral_tokenizer(tmp_path / "mistral")
+    d = dm(small_compred, rows="preference", conditioning_variants=True, tokenizer=str(folder), max_length=96,
+           max_prompt_length=48)
+    d.setup("test")
+    ds, tok = d.splits["test_pref"], d.tokenizer
+    assert 0 < d.stats["test_pref"].post_shortened < len(ds)
+    for row in ds:
+        post = row["post"][:row["post_chars"]]
+        shown = {"prompt_ids": row["prompt_community"], "none_prompt_ids": "Reddit",
+                 "random_prompt_ids": None}
+        for column, community in shown.items():
+            ids = row[column]
+            if community is None:  # the random community: read it back from the ids
+                community = tok.decode(ids, skip_special_tokens=True).split("\n")[1]
+                assert community.startswith("r/") and community != row["prompt_community"]
+            assert ids == tok(format_prompt(community, row["title"], post), split_special_tokens=True)["input_ids"]
+            assert len(ids) <= 48
+            assert len(ids) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 96
+
+
+def test_a_split_emptied_by_a_filter_names_the_split_file_and_filter(small_compred):
+    from personalm.compred import ComPreDDataError
+
+    with pytest.raises(ComPreDDataError, match=r"train_pref of .*finance/train_pref\.jsonl.*score-ratio threshold"):
+        dm(small_compred, subset="finance", min_score_ratio=1e9).setup("fit")
+    with pytest.raises(ComPreDDataError, match=r"validation_pref of .*length limits.*prompt budget of 3 tokens"):
+        dm(small_compred, max_length=10, max_prompt_length=3).setup("validate")
+
+
+def test_max_prompt_length_over_max_length_fails_at_start_up():
+    with pytest.raises(ValueError, match="smaller than max_length"):
+        ComPreDDataModule(max_length=128, max_prompt_length=512)
 
 
 def test_dropped_rows_leave_index_equal_to_position(small_compred):
@@ -98,3 +139,19 @@ def test_dropped_rows_leave_index_equal_to_position(small_compred):
     ds = d.splits["validation_pref"]
     assert 0 < d.stats["validation_pref"].dropped < d.stats["validation_pref"].rows
     assert ds["index"] == list(range(len(ds)))
+
+
+def test_prediction_prompts_are_the_training_prompts(small_compred, tmp_path):
+    """A post's generation prompt is the very ids its pairs were trained and scored on (shortened alike)."""
+    from tests.conftest import write_mistral_tokenizer
+
+    folder = write_mistral_tokenizer(tmp_path / "mistral")
+    d = dm(small_compred, tokenizer=str(folder), max_length=96, max_prompt_length=48)
+    d.setup("test")
+    d.setup("predict")
+    pairs, prompts = d.splits["test_pref"], d.splits["test_prompts"]
+    assert d.stats["test_prompts"].post_shortened > 0
+    by_post = {p: ids for p, ids in zip(pairs["post_id"], pairs["prompt_ids"])}
+    assert set(prompts["post_id"]) <= set(by_post)
+    for post_id, ids in zip(prompts["post_id"], prompts["prompt_ids"]):
+        assert ids == by_post[post_id], post_id
