@@ -1,4 +1,10 @@
-from personalm.cli import main
+import sys
 
-if __name__ == "__main__":
+if len(sys.argv) > 1 and sys.argv[1] == "export":  # python -m personalm export --ckpt_path ...
+    from personalm.export import main as export
+
+    export(sys.argv[2:])
+else:  # python -m personalm fit|validate|test|predict --config ...
+    from personalm.cli import main
+
     main()

@@ -20,6 +20,12 @@ class PersonalmCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # modules own optimizer + schedule
         super().__init__(*args, **kwargs)
 
+    def before_fit(self) -> None:
+        """Refuse precision settings that cannot train before the data are prepared (minutes on real data)."""
+        check = getattr(self.model, "check_training_precision", None)
+        if check is not None:
+            check(str(self.trainer.precision))
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")

@@ -83,6 +83,10 @@ class ComPreDDataModule(L.LightningDataModule):
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         prompt_budget(max_length, max_prompt_length)  # max_prompt_length >= max_length fails here, at start-up
+        for name, value in (("max_pairs_per_post", max_pairs_per_post), ("max_train_pairs", max_train_pairs),
+                            ("max_eval_pairs", max_eval_pairs)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for no cap), got {value}")
         self.save_hyperparameters()
         self.subsets = [subset] if isinstance(subset, str) else list(subset)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -131,8 +135,9 @@ class ComPreDDataModule(L.LightningDataModule):
             if split == "train_pref":
                 n = ds.num_rows
                 ds = compred.subsample(ds, hp.min_score_ratio, hp.max_pairs_per_post, hp.seed, stats)
-                self._require_rows(ds, split, stats, f"the score-ratio threshold (min_score_ratio: "
-                                   f"{hp.min_score_ratio}; none of the {n} pairs reaches it)")
+                self._require_rows(ds, split, stats, f"the paper's subsample (the score-ratio threshold, "
+                                   f"min_score_ratio: {hp.min_score_ratio}, then max_pairs_per_post: "
+                                   f"{hp.max_pairs_per_post}; none of the {n} pairs passes)")
                 ds = compred.seeded_limit(ds, hp.max_train_pairs, hp.seed)
             else:
                 ds = compred.seeded_limit(ds, hp.max_eval_pairs, hp.seed)

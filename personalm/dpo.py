@@ -18,7 +18,8 @@ from personalm.dpo_loss import check_dpo_args, dpo_loss, response_start, sequenc
 from personalm.files import write_text
 from personalm.lm_module import CausalLMModule
 from personalm.metrics import STAGE_SPLIT, add_stage_metrics, log_stage_metrics
-from personalm.models import load_causal_lm, load_tokenizer, resolve
+from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
+from personalm.sharding import data_parallel_mesh, initialize, is_sharded, shard
 
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
 VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
@@ -90,6 +91,7 @@ class DPOModule(CausalLMModule):
         self._frozen: list[nn.Module] = []  # the reference, kept out of the module tree: not in the
         # optimizer, not in checkpoints, not wrapped by DDP
         self._ref_logps: dict[str, dict[str, torch.Tensor]] = {}  # split -> variant -> [rows, 4]
+        self._reference_fingerprint: Optional[str] = None  # of the reference's full weights (cache key)
         self.metrics = nn.ModuleDict()
 
     # -- models -----------------------------------------------------------------------------------
@@ -98,16 +100,21 @@ class DPOModule(CausalLMModule):
         if self.model is not None:
             return
         hp = self.hparams
-        if hp.reference == "adapters_off" and (Path(resolve(hp.model_name_or_path)) / "adapter_config.json").exists():
+        if hp.reference == "adapters_off" and self.training_run and \
+                (Path(resolve(hp.model_name_or_path)) / "adapter_config.json").exists():
             raise ValueError(
                 f"reference: adapters_off with an adapter-only SFT export ({hp.model_name_or_path}) would use the "
                 "base model before SFT as reference. Export the SFT model merged (lora.merge_on_export: true) "
                 "or use reference: copy.")
         super().configure_model()
-        if hp.disable_dropout:
-            disable_dropout(self.model)
         if self._fn() != "predict":  # generating needs no reference
             self._check_reference_tokenizer()
+
+    def prepare_model(self) -> None:
+        if self.hparams.disable_dropout:
+            disable_dropout(self.model)
+        if self.hparams.precompute_reference and self._adapters_off:  # before sharding: full weights
+            self._reference_fingerprint = "adapters_off:" + model_fingerprint(self.model)
 
     @property
     def _adapters_off(self) -> bool:
@@ -169,12 +176,18 @@ class DPOModule(CausalLMModule):
             with self._rng_untouched():  # loading the reference must not change the training's randomness
                 ref = load_causal_lm(self.reference_source, self.reference_dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
-                ref = ref.merge_and_unload()
+                ref = merge_lora_in_fp32(ref)
             if ref.get_input_embeddings().num_embeddings != self.model.get_input_embeddings().num_embeddings:
                 raise ValueError("reference and policy have different vocabulary sizes")
             if hp.disable_dropout:
                 disable_dropout(ref)
-            self._frozen.append(ref.eval().requires_grad_(False))
+            ref.eval().requires_grad_(False)
+            if hp.precompute_reference:
+                self._reference_fingerprint = model_fingerprint(ref)  # before sharding: full weights
+            mesh = data_parallel_mesh(self)
+            if mesh is not None:  # FSDP2: each process holds 1/N of the reference too
+                shard(ref, mesh, self.bf16_compute)
+            self._frozen.append(ref)
         ref = self._frozen[0]
         if ref.device != self.device:
             ref.to(self.device)
@@ -250,9 +263,10 @@ class DPOModule(CausalLMModule):
         ds = dm.splits[split]
         variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in ds.column_names]
         ref_name = self.reference_source
+        if not self._adapters_off:
+            _ = self.reference  # loaded on first use, its fingerprint taken before any sharding
         meta = {"data": ds._fingerprint, "rows": len(ds), "variants": variants,
-                "reference": "adapters_off:" + model_fingerprint(self.model) if self._adapters_off
-                else model_fingerprint(self.reference), "reference_name": ref_name,
+                "reference": self._reference_fingerprint, "reference_name": ref_name,
                 "precision": str(self.trainer.precision)}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         folder = Path(self.hparams.reference_cache or Path(os.environ.get(
@@ -314,6 +328,8 @@ class DPOModule(CausalLMModule):
 
     def _maybe_precompute(self, stages) -> None:
         if self.hparams.precompute_reference:
+            if self._adapters_off and is_sharded(self.model):
+                initialize(self.model)  # before a forward that leaves the adapters out
             with self._rng_untouched():  # the scoring DataLoader draws a seed from the global RNG
                 for stage in stages:
                     self._precompute(stage)

@@ -65,7 +65,7 @@ class PlainTokenizer:
     A fast tokenizer's Rust backend is called directly (transformers' wrapper converts every encoding in
     Python, ~5x slower on a million rows), on a private copy set to encode special-token text as text.
     A tokenizer without a Rust backend goes through the wrapper and has no offsets (prompts are then
-    shortened by bisection on characters).
+    shortened by an estimate of characters per token, then tokenized again).
     """
 
     def __init__(self, tokenizer):
@@ -137,7 +137,8 @@ def _cut_point(head: str, post: str, offsets: Optional[list[tuple[int, int]]], e
     token to remove, from the tokenizer's offsets of ``head + post + tail``. Always < len(post).
 
     Without offsets (a tokenizer with no Rust backend) the cut is estimated from the text's characters
-    per token; the caller tokenizes the result again and cuts further if needed.
+    per token; the caller tokenizes the result again and cuts further if needed (the estimate may keep a
+    few tokens fewer than the budget allows).
     """
     if offsets is None:
         return max(min(len(post) - int(excess * text_chars / max(tokens, 1) + 1), len(post) - 1), 0)
@@ -181,43 +182,34 @@ def encode_batch(tokenizer, communities: Sequence[str], titles: Sequence[str], p
     one list of community strings per extra prompt (e.g. ``["Reddit", ...]``, ``["r/Frugal", ...]``); each
     list as long as ``titles``. Without responses (generation prompts) the prompt is the same as in
     training, so a model is asked exactly what it was trained on.
+
+    The first community string's prompt is fitted to the budget exactly as in training (so a test pair's
+    true prompt is its training and generation prompt); a variant's prompt holds the same post text, and
+    so may pass the budget by the tokens its community string adds. The responses are cut to fit the
+    longest of them within ``max_length``, so every variant scores the same responses.
     """
     plain = plain_tokenizer(tokenizer)
     budget = prompt_budget(max_length, max_prompt_length)
-    n = len(titles)
-    columns = [list(communities), *[list(v) for v in variants]]
-    heads = [[h + t for h, t, _, _ in (prompt_parts(c, title, "") for c, title in zip(col, titles))] for col in columns]
     tail = prompt_parts("", "", "")[3]
-    keep = [len(p) for p in posts]
-    fitted: list[list] = [[None] * n for _ in heads]
-    todo = list(range(n))
-    while todo:  # every community string gets the same post text: the shortest any of them needs
-        for f, h in zip(fitted, heads):
-            for i, r in zip(todo, fit_prompts(plain, [h[i] for i in todo], [posts[i][:keep[i]] for i in todo],
-                                              tail, budget)):
-                f[i] = r
-        again = []
-        for i in todo:
-            kept = [f[i][1] for f in fitted if f[i] is not None]
-            if len(kept) == len(fitted):  # else dropped: some prompt does not fit even without the post
-                again += [i] if min(kept) < max(kept) else []
-                keep[i] = min(kept)
-        todo = again
+    heads = [[h + t for h, t, _, _ in (prompt_parts(c, title, "") for c, title in zip(col, titles))]
+             for col in (communities, *variants)]
+    fitted = fit_prompts(plain, heads[0], posts, tail, budget)  # as in training and generation
+    kept = [f[1] if f is not None else 0 for f in fitted]
+    others = [plain.ids([h[i] + posts[i][:kept[i]] + tail for i in range(len(titles))]) for h in heads[1:]]
     resp_ids = [[ids + [plain.eos] for ids in plain.ids(texts)] for texts in responses]
     out = []
-    for i in range(n):
-        prompts = [f[i] for f in fitted]
-        if any(p is None for p in prompts):
+    for i, f in enumerate(fitted):
+        prompts = [f[0]] + [plain.bos + o[i] for o in others] if f is not None else []
+        room = max_length - max(len(p) for p in prompts) if prompts else 0
+        if room <= 0:  # markers, community and title alone over the budget (or a variant's over max_length)
             out.append(Encoded(prompt_ids=[], response_ids=[], post_chars=0, post_shortened=True,
                                response_cut=False, dropped=True))
             continue
-        room = max_length - max(len(p[0]) for p in prompts)
         mine = [r[i] for r in resp_ids]
-        cut = any(len(r) > room for r in mine)
-        out.append(Encoded(prompt_ids=prompts[0][0], response_ids=[r[:room] for r in mine],  # a cut response
-                           post_chars=keep[i], post_shortened=keep[i] < len(posts[i]),  # has no EOS: it
-                           response_cut=cut, dropped=False,  # did not end there
-                           variant_prompt_ids=[p[0] for p in prompts[1:]]))
+        out.append(Encoded(prompt_ids=prompts[0], response_ids=[r[:room] for r in mine],  # a cut response has
+                           post_chars=kept[i], post_shortened=kept[i] < len(posts[i]),  # no EOS: it did not
+                           response_cut=any(len(r) > room for r in mine), dropped=False,  # end there
+                           variant_prompt_ids=prompts[1:]))
     return out
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from personalm.models import LoraSettings, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
+from personalm.models import LoraSettings, add_lora, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
+from personalm.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
 HALF = ("bfloat16", "float16")
 
@@ -72,15 +73,24 @@ class CausalLMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        for key, settings in (("lora", LoraSettings), ("generation", GenerationSettings)):
-            value = self.hparams[key]  # through a subclass's **kwargs a config gives a dict or Namespace
-            if value is not None and not isinstance(value, settings):
-                self.hparams[key] = settings(**(value if isinstance(value, dict) else vars(value)))
+        for key in ("lora", "generation"):  # plain data in checkpoints and hparams.yaml (a config, or a
+            value = self.hparams[key]  # subclass's **kwargs, may also give a dict or Namespace)
+            if value is not None and not isinstance(value, dict):
+                self.hparams[key] = asdict(value) if is_dataclass(value) else dict(vars(value))
         self.model = None
         self.tokenizer = None
         self._step_start: Optional[float] = None
-        self._bad_step: Optional[torch.Tensor] = None  # non-finite loss seen since the last optimizer step
+        self._loss_flags: list[torch.Tensor] = []  # per batch of this optimizer step: was its loss non-finite?
+        self._step_batches: list[int] = []  # this optimizer step's batch indices (gradient accumulation: several)
         self._step_posts: list = []  # posts of this optimizer step's batches (named if the step goes wrong)
+
+    @property
+    def lora_settings(self) -> Optional[LoraSettings]:
+        return None if self.hparams.lora is None else LoraSettings(**self.hparams.lora)
+
+    @property
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(**(self.hparams.generation or {}))
 
     def _fn(self) -> Optional[str]:
         """``fit``, ``validate``, ``test``, ``predict``, or None outside a Trainer."""
@@ -97,15 +107,33 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def load_lora(self) -> Optional[LoraSettings]:
-        """New LoRA adapters only to train: an export evaluated or generating is used as it was saved."""
-        return self.hparams.lora if self.training_run else None
+        """New LoRA adapters only to train: an export evaluated or generating is used as it was saved (a
+        LoRA run's checkpoint gets its adapters back in ``on_load_checkpoint``)."""
+        return self.lora_settings if self.training_run else None
+
+    model_kind = "causal"  # what add_lora wraps: a causal LM (the reward model: "reward")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``validate``/``test``/``predict --ckpt_path`` of a LoRA run: the checkpoint holds adapter weights the
+        model was loaded without (outside ``fit`` no adapters are added); add them before the weights load."""
+        lora = self.lora_settings
+        if lora is None or hasattr(self.model, "peft_config") or not any(
+                "lora_" in k for k in checkpoint.get("state_dict", {})):
+            return
+        if is_sharded(self.model):
+            raise ValueError("a LoRA run's checkpoint outside fit under FSDP2: export it first "
+                             "(python -m personalm export --ckpt_path ...) and evaluate the export")
+        self.model = add_lora(self.model, lora, self.model_kind).to(self.device).requires_grad_(False)
 
     def setup(self, stage: str) -> None:
-        """Refuse, before any weights load, precision settings under which training would not train."""
-        if stage != "fit" or self._trainer is None:
-            return
-        precision, hp = str(self.trainer.precision), self.hparams
-        if precision in ("bf16-true", "16-true", "bf16", "16", "half"):
+        if stage == "fit" and self._trainer is not None:
+            self.check_training_precision(str(self.trainer.precision))
+
+    def check_training_precision(self, precision: str) -> None:
+        """Refuse, before any weights load, precision settings under which training would not train (the
+        CLI calls this before preparing data; ``setup`` again for other callers)."""
+        hp = self.hparams
+        if precision in ("bf16-true", "16-true"):
             raise ValueError(f"trainer.precision {precision} casts the trainable weights to 16 bits, where AdamW's "
                              f"updates (about lr={hp.lr:g}) round away. Use trainer.precision: bf16-mixed (fp32 "
                              "trainable weights, bf16 compute), as configs/paper/*.yaml do.")
@@ -114,31 +142,58 @@ class CausalLMModule(L.LightningModule):
                              f"in fp32 beside {hp.dtype} frozen ones, which needs autocast. Use trainer.precision: "
                              "bf16-mixed (configs/paper/*.yaml), or dtype: float32.")
 
+    def _check_loaded_precision(self) -> None:
+        """A checkpoint saved in 16 bits and loaded as saved (``dtype: null``) has the same need as ``dtype:
+        bfloat16``: frozen 16-bit weights beside fp32 trainable ones compute only under autocast."""
+        if self._trainer is None or "mixed" in str(self.trainer.precision):
+            return
+        frozen = {p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()}
+        half = frozen & {torch.bfloat16, torch.float16}
+        if half:
+            raise ValueError(f"{self.hparams.model_name_or_path} loaded with frozen {sorted(map(str, half))} weights "
+                             f"(dtype: null keeps the checkpoint's dtype) and trainer.precision "
+                             f"{self.trainer.precision}: fp32 trainable weights beside them need autocast. Use "
+                             "trainer.precision: bf16-mixed, or dtype: float32.")
+
+    @property
+    def bf16_compute(self) -> bool:
+        return self._trainer is not None and str(self.trainer.precision) == "bf16-mixed"
+
     def configure_model(self) -> None:
-        """Load here, not in __init__, so sharded strategies (FSDP, DeepSpeed) can wrap it."""
-        if self.model is None:
-            hp = self.hparams
-            self.tokenizer = load_tokenizer(hp.model_name_or_path)
-            self.model = self.load_model()
-            if self.training_run:
-                self._hold_trainable_in_fp32()
-            else:
-                self.model.requires_grad_(False)
+        """Load here, not in __init__, so sharded strategies (FSDP, DeepSpeed) can wrap it; under FSDP2 shard
+        it here (one unit per decoder layer)."""
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        self.model = self.load_model()
+        if self.training_run:
+            self._hold_trainable_in_fp32(self.model, say=True)
+            self._check_loaded_precision()
+        else:
+            self.model.requires_grad_(False)
+        self.prepare_model()
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            shard(self.model, mesh, self.bf16_compute)
+
+    def prepare_model(self) -> None:
+        """What a subclass does to the loaded model before it is sharded (DPO: dropout off)."""
 
     def load_model(self):
         hp = self.hparams
         return load_causal_lm(hp.model_name_or_path, self.load_dtype, self.load_lora,
                               hp.gradient_checkpointing and self.training_run)
 
-    def _hold_trainable_in_fp32(self) -> None:
-        upcast = upcast_trainable(self.model)
-        if upcast:
-            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+    def _hold_trainable_in_fp32(self, model, say: bool = False) -> None:
+        upcast = upcast_trainable(model)
+        if upcast and say:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rank_zero_info(
                 f"[personalm] {upcast / 1e6:.1f}M trainable weights loaded as {self.hparams.dtype} are held in "
                 f"float32 so that small updates are not rounded away: +{upcast * 2 / 2**30:.2f} GiB for the "
-                f"weights, and AdamW keeps two fp32 moments ({trainable * 8 / 2**30:.2f} GiB); the frozen "
-                "weights (and a DPO reference) stay in their dtype")
+                f"weights and +{upcast * 2 / 2**30:.2f} GiB for their fp32 gradients, and AdamW keeps two fp32 "
+                f"moments ({trainable * 8 / 2**30:.2f} GiB); the frozen weights (and a DPO reference) stay in "
+                "their dtype")
 
     # -- optimization -----------------------------------------------------------------------------
 
@@ -155,19 +210,20 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_start = time.perf_counter()
+        self._step_batches.append(batch_idx)
         self._step_posts.extend(batch.get("post_id", ()) if isinstance(batch, dict) else ())
 
     # -- NaN guard ----------------------------------------------------------------------------------
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()  # a flag on the device: no synchronisation here
-        self._bad_step = bad if self._bad_step is None else self._bad_step | bad
+        self._loss_flags.append(~torch.isfinite(loss.detach()).all())  # on the device: no synchronisation here
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop before a non-finite loss or gradient reaches the weights, on every process together: the
         flags are summed across processes (one small all-reduce per optimizer step), so no process is
         left waiting in a collective while the others stop."""
-        loss_bad = self._bad_step if self._bad_step is not None else torch.zeros((), dtype=torch.bool)
+        per_batch = torch.stack(self._loss_flags) if self._loss_flags else torch.zeros(1, dtype=torch.bool)
+        loss_bad = per_batch.any()
         grad_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
         if str(self.trainer.precision) != "16-mixed":  # fp16's GradScaler skips overflowing steps by design
             grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -176,15 +232,19 @@ class CausalLMModule(L.LightningModule):
                 grad_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).to(loss_bad.device)
         flags = torch.stack([loss_bad, grad_bad]).float().to(self.device)
         total = self.trainer.strategy.reduce(flags.clone(), reduce_op="sum")  # DDP reduces in place
-        posts, self._step_posts, self._bad_step = self._step_posts, [], None
+        posts, batches = self._step_posts, self._step_batches
+        self._step_posts, self._step_batches, self._loss_flags = [], [], []
         if float(total.sum()) > 0:
             mine = "loss" if bool(flags[0]) else "gradient" if bool(flags[1]) else None
             what = f"a non-finite {mine} on this process" if mine else "a non-finite loss or gradient on another process"
+            where = f"epoch {self.current_epoch}"
+            if mine == "loss":
+                where += f", batch {[b for b, bad in zip(batches, per_batch.tolist()) if bad]}"
             shown = ", ".join(str(p) for p in posts[:32]) + (f", ... ({len(posts)} in all)" if len(posts) > 32 else "")
             raise NonFiniteError(
-                f"{what} at step {self.trainer.global_step} (epoch {self.current_epoch}); post ids of this step's "
-                f"batches on this process: [{shown}]. Training stopped on every process before the update: nothing "
-                "was exported and the checkpoints written so far are kept.")
+                f"{what} at step {self.trainer.global_step} ({where}); post ids of this step's "
+                f"batches {batches} on this process: [{shown}]. Training stopped on every process before the "
+                "update: nothing was exported and the checkpoints written so far are kept.")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Tokens per second of this process (non-padding tokens, forward + backward + step)."""
@@ -197,10 +257,11 @@ class CausalLMModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         """One response per prompt; the prompt is removed by tokens (left padding: all end together)."""
-        gen = self.hparams.generation
+        gen = self.generation_settings
         sampling = {"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
         out = self.model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            synced_gpus=is_sharded(self.model) and self.trainer.world_size > 1,  # equal forward passes per rank
             max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
             repetition_penalty=gen.repetition_penalty, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, **sampling)
@@ -219,24 +280,34 @@ class CausalLMModule(L.LightningModule):
     # -- export -----------------------------------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        """Save the trained model with ``save_pretrained`` so DPO (or plain transformers) can load it."""
+        """Save the trained model with ``save_pretrained`` so DPO (or plain transformers) can load it: under
+        every strategy, the full weights gathered to the first process (FSDP2, FSDP1, DeepSpeed) or taken
+        as they are (one device, DDP)."""
         if self.hparams.export_dir == "":
             return
-        strategy = type(self.trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            rank_zero_warn(f"no Hugging Face export under {strategy}: the weights are sharded. Consolidate the "
-                           "checkpoint (FSDP: state_dict_type 'full'; DeepSpeed: zero_to_fp32.py), load it into "
-                           "this module on one process and call personalm.models.export_hf.")
-            return
-        out = self.hparams.export_dir or str(Path(self.trainer.log_dir or ".") / "hf_model")
+        out = Path(self.trainer.strategy.broadcast(
+            str(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf_model")))
+        state = full_state_dict(self)  # a collective: every process takes part
         if self.trainer.is_global_zero:
-            lora = self.hparams.lora
-            self.model = export_hf(self.model, self.tokenizer, out, merge_lora=lora is None or lora.merge_on_export,
-                                   dtype=self.hparams.export_dtype)
-            self.on_export(Path(out))
+            self.export(out, state)
             rank_zero_info(f"[personalm] exported the trained model (Hugging Face format) to {out}")
-        self.export_path = out
+        self.export_path = str(out)
         self.trainer.strategy.barrier()
+
+    def export(self, out: Path, state: Optional[dict] = None) -> None:
+        """Write the Hugging Face export of ``self.model`` (merging LoRA in place), or, with ``state`` (full
+        weights gathered from a sharded run), of a fresh copy of the model loaded with them."""
+        lora = self.lora_settings
+        model = self.model.cpu()  # merging upcasts layers to fp32: on the GPU that could run out of memory
+        if state is not None:
+            model = self.load_model()
+            self._hold_trainable_in_fp32(model)
+            model.load_state_dict(state)
+        merged = export_hf(model, self.tokenizer, str(out), merge_lora=lora is None or lora.merge_on_export,
+                           dtype=self.hparams.export_dtype)
+        if state is None:
+            self.model = merged
+        self.on_export(Path(out))
 
     def on_export(self, folder: Path) -> None:
         """Write anything else that belongs with the exported weights (first process, before the barrier)."""

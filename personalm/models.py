@@ -105,13 +105,18 @@ def _load(kind: str, name_or_path: str, dtype: Optional[str], lora: Optional[Lor
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if lora is not None and not hasattr(model, "peft_config"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
+        model = add_lora(model, lora, kind)
     model.train()
     return model
+
+
+def add_lora(model, lora: LoraSettings, kind: str = "causal"):
+    """Wrap ``model`` with new LoRA adapters (peft); only they are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS"))
 
 
 def upcast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -146,28 +151,39 @@ def merge_lora_in_fp32(model):
     return model.merge_and_unload()
 
 
+def _dtypes(params) -> list[str]:
+    return sorted({str(p.dtype).replace("torch.", "") for p in params})
+
+
 def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Optional[str] = "float32"):
     """Save in Hugging Face format (``save_pretrained``): plain transformers (or peft) loads it back.
 
     With LoRA and ``merge_lora`` the adapters are merged in fp32, in place (no second copy of a 7B model in
     memory), and the merged, plain model is returned; use it instead of ``model`` after. The weights are
     saved in ``dtype`` (default fp32, which keeps every update; ``bfloat16`` halves the files but rounds
-    small updates away; None: as held). ``personalm_export.json`` records what was done; loading with
+    small updates away; None: as held, or fp32 where a merge left the model in mixed dtypes, which one
+    ``config.json`` dtype could not describe). ``personalm_export.json`` records what was done; loading with
     ``dtype: null`` (transformers' ``"auto"``) gives the weights back in the dtype they were saved in.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    held = {kind: sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad == grad})
+    held = {kind: _dtypes(p for p in model.parameters() if p.requires_grad == grad)
             for kind, grad in (("trainable", True), ("frozen", False))}
-    lora = None
-    if hasattr(model, "peft_config"):
-        lora = "merged in float32" if merge_lora else "adapter only (loads with its base through peft)"
-        if merge_lora:
+    record: dict = {"held_in_training": held, "lora": None}
+    if hasattr(model, "peft_config") and not merge_lora:  # the adapter alone: peft saves only its weights
+        config = next(iter(model.peft_config.values()))
+        record.update(lora="adapter only (loads with its base through peft)", base=config.base_model_name_or_path,
+                      dtype=_dtypes(p for n, p in model.named_parameters() if "lora_" in n or p.requires_grad))
+    else:
+        if hasattr(model, "peft_config"):
             model = merge_lora_in_fp32(model)
-    if dtype and not hasattr(model, "peft_config"):
-        model = model.to(getattr(torch, dtype))
+            record["lora"] = "merged in float32"
+        if dtype is None and len(_dtypes(model.parameters())) > 1:
+            dtype = "float32"
+        if dtype:
+            model = model.to(getattr(torch, dtype))
+        record["dtype"] = _dtypes(model.parameters())[0]
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    saved = str(next(model.parameters()).dtype).replace("torch.", "")
-    (out / EXPORT_RECORD).write_text(json.dumps({"dtype": saved, "held_in_training": held, "lora": lora}, indent=2))
+    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     return model

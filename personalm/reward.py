@@ -37,6 +37,8 @@ class RewardModule(CausalLMModule):
     Other arguments: see ``CausalLMModule``.
     """
 
+    model_kind = "reward"
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.metrics = nn.ModuleDict()

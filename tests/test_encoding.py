@@ -187,22 +187,23 @@ def test_one_token_of_room_is_not_dropped(tok):
 
 def test_variants_share_the_post_text_and_the_responses(tok):
     """The "no community" and "random community" rows score the same post text and the same responses as
-    the true row, all within max_length (the longest community string sets how much post fits)."""
+    the true row, all within max_length; the true prompt is the one training and generation use."""
     communities = ["r/Frugal", "r/finance"]
     variants = [["Reddit", "Reddit"], ["r/personalfinance", "r/wallstreetbets"]]
     long_answer = " ".join([CHOSEN] * 10)
+    posts, chosen = [POST, POST * 3], [long_answer, CHOSEN]
     for budget, max_length in ((50, 120), (64, 90), (300, 400)):
-        rows = encode_batch(tok, communities, [TITLE, TITLE], [POST, POST * 3], [[long_answer, CHOSEN],
-                            [REJECTED, REJECTED]], max_length=max_length, max_prompt_length=budget, variants=variants)
+        rows = encode_batch(tok, communities, [TITLE, TITLE], posts, [chosen, [REJECTED, REJECTED]],
+                            max_length=max_length, max_prompt_length=budget, variants=variants)
+        alone = encode_batch(tok, communities, [TITLE, TITLE], posts, max_length=max_length,
+                             max_prompt_length=budget)
         for i, e in enumerate(rows):
-            post = [POST, POST * 3][i]
-            shown = [communities[i], *(v[i] for v in variants)]
-            for community, ids in zip(shown, [e.prompt_ids, *e.variant_prompt_ids]):
-                assert ids == text_ids(tok, format_prompt(community, TITLE, post[:e.post_chars]))
-                assert len(ids) <= budget
-                assert all(len(ids) + len(r) <= max_length for r in e.response_ids)
-            room = max_length - max(len(ids) for ids in [e.prompt_ids, *e.variant_prompt_ids])
-            assert e.response_ids == [response_ids(tok, r)[:room] for r in ([long_answer, CHOSEN][i], REJECTED)]
+            assert e.prompt_ids == alone[i].prompt_ids and e.post_chars == alone[i].post_chars
+            check_prompt(tok, e, communities[i], TITLE, posts[i], budget)
+            for community, ids in zip([v[i] for v in variants], e.variant_prompt_ids):
+                assert ids == text_ids(tok, format_prompt(community, TITLE, posts[i][:e.post_chars]))
+            longest = max(len(ids) for ids in [e.prompt_ids, *e.variant_prompt_ids])
+            assert e.response_ids == [response_ids(tok, r)[:max_length - longest] for r in (chosen[i], REJECTED)]
 
 
 # ----------------------------------------------------------------------------------------------------

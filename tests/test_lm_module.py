@@ -43,8 +43,9 @@ def test_non_finite_step_stops_training_names_step_and_posts_and_exports_nothing
               "--trainer.limit_val_batches=1", "--data.batch_size=4"])
     message = str(err.value)
     assert f"non-finite {nan_in} on this process at step 3" in message, message
-    assert "post ids of this step's batches on this process: [" in message
-    posts = message.split("[", 1)[1].split("]", 1)[0].split(", ")
+    assert "post ids of this step's batches [3] on this process: [" in message
+    assert ("(epoch 0, batch [3])" in message) == (nan_in == "loss")  # which batch of the step had it
+    posts = message.split("on this process: [", 1)[1].split("]", 1)[0].split(", ")
     assert len(posts) == 4 and all(p.startswith(("fin", "his")) for p in posts), posts
     log_dir = next((tmp_path / "lightning_logs").iterdir())
     assert not (log_dir / "hf_model").exists(), "a model was exported after a non-finite step"

@@ -176,3 +176,29 @@ def test_precision_that_cannot_train_is_refused_before_loading(precision, dtype,
     with pytest.raises(ValueError, match=match):
         main(["fit", "--config", DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               f"--trainer.precision={precision}", f"--model.init_args.dtype={dtype}", "--trainer.max_steps=1"])
+
+
+def test_a_16_bit_checkpoint_loaded_as_saved_needs_mixed_precision(small_compred, tmp_path, tokenizer):
+    """dtype null keeps a bf16 checkpoint bf16: with a LoRA reward model's fp32 head beside it and no autocast,
+    the first step would crash on mixed dtypes; it is refused before training instead."""
+    from transformers import AutoModelForCausalLM
+
+    from personalm.models import load_causal_lm
+
+    load_causal_lm("embedded:tiny-llama", "bfloat16").save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="need autocast"):
+        main(["fit", "--config", REWARD, *quiet(tmp_path), f"--data.dataset={small_compred}", LORA,
+              f"--model.init_args.model_name_or_path={tmp_path / 'bf16'}", "--trainer.max_steps=1"])
+
+
+def test_a_lora_runs_checkpoint_loads_for_test(lora_dpo, small_compred, tmp_path):
+    """``test --ckpt_path`` of a LoRA run rebuilds the adapters the checkpoint holds."""
+    cli, _ = lora_dpo
+    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    t = main(["test", "--config", DEMO_DPO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+              "--data.subset=finance", f"--model.init_args.model_name_or_path={cli.model.hparams.model_name_or_path}",
+              LORA, "--model.init_args.reference=adapters_off", "--trainer.limit_test_batches=1",
+              f"--ckpt_path={ckpt}"])
+    assert hasattr(t.model.model, "peft_config")
