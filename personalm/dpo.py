@@ -402,8 +402,9 @@ def _absolute(name_or_path: str) -> str:
 def write_test_metrics(trainer, model_name: str, results: dict) -> None:
     """``<log_dir>/test_metrics.json``: ``{"model", "conditioning": {variant: {metric: value}}}``, written
     atomically by the first process (the figures are already synced across processes)."""
-    if not trainer.is_global_zero or not trainer.log_dir:
+    log_dir = trainer.log_dir  # a broadcast under DDP/FSDP: every process asks, or the first one waits forever
+    if not trainer.is_global_zero or not log_dir:
         return
-    path = Path(trainer.log_dir) / "test_metrics.json"
+    path = Path(log_dir) / "test_metrics.json"
     write_text(path, json.dumps({"model": model_name, "conditioning": results}, indent=2))
     rank_zero_info(f"[personalm] per-community test metrics written to {path}")

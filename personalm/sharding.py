@@ -130,7 +130,9 @@ def _deepspeed_fp32_state_dict(module) -> dict:
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     trainer = module.trainer
-    folder = Path(trainer.strategy.broadcast(tempfile.mkdtemp(prefix="personalm-zero-", dir=trainer.log_dir)))
+    log_dir = trainer.log_dir  # a collective: every process asks
+    made = tempfile.mkdtemp(prefix="personalm-zero-", dir=log_dir) if trainer.is_global_zero else None
+    folder = Path(trainer.strategy.broadcast(made))
     trainer.save_checkpoint(folder / "last.ckpt")
     state = {}
     if trainer.is_global_zero:

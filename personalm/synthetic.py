@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -78,6 +80,50 @@ SUBSETS = {
     },
 }
 
+@dataclass(frozen=True)
+class LengthModel:
+    """Heavy-tailed lengths, in words, for post bodies and comments: log-normal (median, sigma), clipped.
+
+    Reddit text is heavy-tailed, roughly log-normal: most comments are a sentence or two, a few run to
+    essays, and posts are longer. ComPreD itself cannot be measured here (no Hub), so the defaults are
+    assumptions, kept as parameters: post body median 120 words (sigma 1.0: a quarter over ~235 words, 1%
+    over ~1200), comment median 40 words (sigma 1.1: 1% over ~500), clipped at 2000 and 1200 words. The
+    words added are neutral sentences drawn alike for every community and comment style, so lengths carry
+    no signal: the demo's learning problem is unchanged, only the sequences are longer and uneven.
+    """
+
+    post_median: float = 120.0
+    post_sigma: float = 1.0
+    post_max: int = 2000
+    comment_median: float = 40.0
+    comment_sigma: float = 1.1
+    comment_max: int = 1200
+
+
+_FILLER = ["I have been thinking about this for a while now.", "There are a few things worth keeping in mind here.",
+           "It depends a lot on the details, of course.", "Some people will tell you otherwise, and that is fine.",
+           "I went through something similar a few years ago.", "Take this with a grain of salt.",
+           "The short version is that it is complicated.", "To be honest I was surprised when I first looked into it.",
+           "Here is what I found after reading around.", "Edit: a few people asked me to add more detail.",
+           "This is a longer story than it looks at first.", "My situation may be different from yours.",
+           "Let me explain what I mean by that.", "Looking back, I would have done a few things differently.",
+           "Nobody really talks about this part.", "I am not sure this is the right place to ask, but here goes."]
+
+
+def _words(rng: random.Random, median: float, sigma: float, most: int) -> int:
+    return min(int(rng.lognormvariate(math.log(median), sigma)), most)
+
+
+def _pad_to(rng: random.Random, text: str, words: int) -> str:
+    """``text`` followed by neutral sentences until it holds about ``words`` words."""
+    parts, n = [text] if text else [], len(text.split())
+    while n < words:
+        sentence = rng.choice(_FILLER)
+        parts.append(sentence)
+        n += len(sentence.split())
+    return " ".join(parts)
+
+
 SPLITS = {"train_pref": "train", "validation_pref": "validation", "test_pref": "test"}
 DEFAULT_POSTS = {"train_pref": 120, "validation_pref": 12, "test_pref": 20}
 _SCORE_BY_RANK = [(40, 120), (8, 20), (1, 4)]
@@ -91,31 +137,42 @@ def _post(rng: random.Random, spec: dict) -> tuple[str, str]:
     return _fill(rng, rng.choice(spec["titles"]), spec["slots"]), _fill(rng, rng.choice(spec["bodies"]), spec["slots"])
 
 
-def posts(subset: str, split: str, n_posts: int, seed: int = 0) -> Iterator[dict]:
-    """Posts with their comments: dicts with community, post_id, title, history, comments [(text, score)]."""
+def posts(subset: str, split: str, n_posts: int, seed: int = 0,
+          lengths: Optional[LengthModel] = None) -> Iterator[dict]:
+    """Posts with their comments: dicts with community, post_id, title, history, comments [(text, score)].
+    With ``lengths``, bodies and comments are lengthened to heavy-tailed lengths (the rest is unchanged)."""
     spec = SUBSETS[subset]
     rng = random.Random(f"{seed}:{subset}:{split}")
+    longer = random.Random(f"{seed}:{subset}:{split}:lengths")  # its own draws: the demo's rows stay as they are
     for ci, community in enumerate(spec["communities"]):
         ranking = _RANKINGS[ci]
         for p in range(n_posts):
             title, history = _post(rng, spec)
             styles = [0, 1, 2, rng.randrange(3)]  # one comment per style, plus one more
-            comments = []
+            comments, bases = [], []
             for style in styles:
                 text = _fill(rng, rng.choice(spec["styles"][style]), spec["style_slots"])
+                bases.append(text)
+                if lengths is not None:
+                    text = _pad_to(longer, text, _words(longer, lengths.comment_median, lengths.comment_sigma,
+                                                        lengths.comment_max))
                 low, high = _SCORE_BY_RANK[ranking.index(style)]
                 comments.append((text, rng.randint(low, high)))
+            if lengths is not None:
+                history = _pad_to(longer, history, _words(longer, lengths.post_median, lengths.post_sigma,
+                                                          lengths.post_max))
             yield {"community": community, "post_id": f"{subset[:3]}{split[:2]}{ci}{p:05d}",
-                   "title": title, "history": history, "comments": comments}
+                   "title": title, "history": history, "comments": comments, "bases": bases}
 
 
-def preference_rows(subset: str, split: str, n_posts: int, seed: int = 0) -> Iterator[dict]:
+def preference_rows(subset: str, split: str, n_posts: int, seed: int = 0,
+                    lengths: Optional[LengthModel] = None) -> Iterator[dict]:
     """ComPreD preference rows (all schema fields) for every comment pair of every post."""
     rng = random.Random(f"{seed}:{subset}:{split}:pairs")
     suffix = SPLITS.get(split, "train")
-    for post in posts(subset, split, n_posts, seed):
+    for post in posts(subset, split, n_posts, seed, lengths):
         for (i, (ta, sa)), (j, (tb, sb)) in itertools.combinations(enumerate(post["comments"]), 2):
-            if ta == tb:
+            if post["bases"][i] == post["bases"][j]:  # the same comment twice (lengthened apart or not)
                 continue
             if rng.random() < 0.5:
                 (i, ta, sa), (j, tb, sb) = (j, tb, sb), (i, ta, sa)
@@ -131,9 +188,9 @@ def preference_rows(subset: str, split: str, n_posts: int, seed: int = 0) -> Ite
             }
 
 
-def prompt_rows(subset: str, n_posts: int, seed: int = 0) -> Iterator[dict]:
+def prompt_rows(subset: str, n_posts: int, seed: int = 0, lengths: Optional[LengthModel] = None) -> Iterator[dict]:
     """Test-prompt rows: several per post (one per rank), as in ``<subset>_test_prompts``."""
-    for post in posts(subset, "test_pref", n_posts, seed):
+    for post in posts(subset, "test_pref", n_posts, seed, lengths):
         for rank in range(1, 4):
             yield {"rank": rank, "only_comment": False, "domain": post["community"], "post_id": post["post_id"],
                    "title": post["title"], "history": post["history"]}
@@ -149,17 +206,19 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0) -> Path:
-    """Write the synthetic dataset in the Hub layout under ``root`` (atomically: all or nothing)."""
+def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0,
+                  lengths: Optional[LengthModel] = None) -> Path:
+    """Write the synthetic dataset in the Hub layout under ``root`` (atomically: all or nothing); with
+    ``lengths``, posts and comments of heavy-tailed lengths (benchmarks), else the demo's short ones."""
     root = Path(root)
     n_posts = {**DEFAULT_POSTS, **(n_posts or {})}
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for subset in subsets:
         for split in SPLITS:
-            write_jsonl(tmp / subset / f"{split}.jsonl", preference_rows(subset, split, n_posts[split], seed))
+            write_jsonl(tmp / subset / f"{split}.jsonl", preference_rows(subset, split, n_posts[split], seed, lengths))
         write_jsonl(tmp / f"{subset}_test_prompts" / "test_prompts.jsonl",
-                    prompt_rows(subset, n_posts["test_pref"], seed))
+                    prompt_rows(subset, n_posts["test_pref"], seed, lengths))
     if root.exists():
         shutil.rmtree(tmp)
         return root  # another process finished first; same seed, same content

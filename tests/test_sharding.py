@@ -89,16 +89,47 @@ def test_fsdp2_sft_equals_ddp_and_its_sharded_checkpoint_exports_the_same(small_
     assert json.loads((out / "personalm_export.json").read_text())["dtype"] == "float32"
 
 
-@pytest.mark.slow
-def test_fsdp2_dpo_with_a_sharded_reference_equals_ddp(small_compred, tmp_path, start_weights):
+@pytest.fixture(scope="module")
+def dpo_runs(small_compred, tmp_path_factory):
+    """The demo DPO (full fine-tuning, reference copy) for a few steps under DDP and under FSDP2."""
+    root = tmp_path_factory.mktemp("dpo")
     data = f"--data.dataset={small_compred}"
-    ddp = launch(tmp_path / "ddp", "--config", DEMO_DPO, data, *SHORT, "--trainer.strategy=ddp")
-    fsdp2 = launch(tmp_path / "fsdp2", "--config", DEMO_DPO, "--config", FSDP2, data, *SHORT)
+    ddp = launch(root / "ddp", "--config", DEMO_DPO, data, *SHORT, "--trainer.strategy=ddp")
+    fsdp2 = launch(root / "fsdp2", "--config", DEMO_DPO, "--config", FSDP2, data, *SHORT)
+    return ddp, fsdp2
+
+
+@pytest.mark.slow
+def test_fsdp2_dpo_with_a_sharded_reference_equals_ddp(dpo_runs, start_weights):
+    ddp, fsdp2 = dpo_runs
     assert_same_export(weights(fsdp2), weights(ddp), start_weights)
     for run in (ddp, fsdp2):
         assert scalars(run)["train/loss"][0] == pytest.approx(0.6931, abs=1e-3)
         assert (run / "hf_model" / "personalm_dpo.json").is_file()
     assert_sharded_checkpoint(fsdp2)
+
+
+@pytest.mark.slow
+def test_fsdp2_test_and_predict_of_the_export(dpo_runs, small_compred, tmp_path):
+    """``test`` (per-community metrics synced, written once) and ``predict`` (generation with the sharded
+    model: every process runs the same number of forward passes) under FSDP2 on 2 processes."""
+    _, fsdp2 = dpo_runs
+    common = ["--config", DEMO_DPO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT[:3],
+              "--trainer.enable_progress_bar=false", "--data.subset=finance", "--data.max_eval_pairs=16",
+              f"--model.init_args.model_name_or_path={fsdp2 / 'hf_model'}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for sub, extra in (("test", []), ("predict", ["--model.init_args.generation.max_new_tokens=6",
+                                                  "--trainer.limit_predict_batches=2", "--data.eval_batch_size=3",
+                                                  f"--predictions.output_path={tmp_path / 'p.jsonl'}"])):
+        proc = subprocess.run([sys.executable, "-m", "personalm", sub, *common, *extra,
+                               f"--trainer.default_root_dir={tmp_path / sub}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    (log_dir,) = (tmp_path / "test" / "lightning_logs").iterdir()
+    metrics = json.loads((log_dir / "test_metrics.json").read_text())["conditioning"]
+    assert set(metrics) == {"true", "none", "random"} and metrics["true"]["rewards/margins"] != 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and len({r["post_id"] for r in rows}) == 12  # 2 batches x 3 prompts x 2 processes
 
 
 @pytest.mark.slow

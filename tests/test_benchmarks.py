@@ -1,0 +1,30 @@
+"""The benchmark scripts' small settings run on CPU (the figures themselves are read, never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
+    """``benchmarks/gpu_check.py --size tiny``: every run trains (DPO starts at ln 2, weights change) and the
+    table and JSON come out; trl's run is there when trl is importable."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--size", "tiny", "--steps", "4",
+                           "--warmup", "1", "--sft-batch", "2", "--dpo-batch", "2", "--max-length", "256", "--posts", "3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| personalm DPO, full fine-tuning, FSDP2 |" in proc.stdout
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    expected = {"personalm SFT, LoRA", "personalm DPO, LoRA, adapters off", "personalm DPO, full fine-tuning, FSDP2"}
+    assert expected <= set(results)
+    for name, r in results.items():
+        assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["changed"] > 0.3, (name, r)
+        if "DPO" in name:
+            assert abs(r["first_loss"] - 0.6931) < 2e-3, (name, r)
