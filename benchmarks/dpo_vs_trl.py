@@ -254,7 +254,7 @@ class Recorder:
 
 def load_pairs(args):
     """The preference rows both sides train on (personalm's preparation, token ids included)."""
-    from personalm.datamodule import ComPreDDataModule
+    from personalm.data.datamodule import ComPreDDataModule
 
     dm = ComPreDDataModule(dataset="embedded:compred", subset="finance", rows="preference",
                            max_length=args.max_length, batch_size=args.batch_size)
@@ -268,8 +268,9 @@ def longest(ds) -> int:
 
 def check_trl_tokenization(ds, tokenizer) -> dict:
     """How trl would tokenize the same rows from text (prompt string + chosen/rejected strings)."""
-    from personalm.prompt import format_prompt
     from trl.data_utils import common_prefix_length
+
+    from personalm.data.prompt import format_prompt
 
     same = diff = 0
     for row in ds:
@@ -320,7 +321,8 @@ def run_trl(args, precompute: bool, tmp: Path) -> dict:
         def _get_train_sampler(self, train_dataset=None):
             if args.shuffle:
                 return super()._get_train_sampler(train_dataset)
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return torch.utils.data.SequentialSampler(data)
 
         def _precompute_ref_logps(self, *a, **k):
             t = time.perf_counter()
@@ -389,14 +391,11 @@ def run_trl(args, precompute: bool, tmp: Path) -> dict:
 
 
 def run_personalm(args, precompute: bool, tmp: Path) -> dict:
-    import inspect
-
     import lightning.pytorch as L
-    import torch
     from torch.utils.data import DataLoader
     from transformers import LlamaForCausalLM
 
-    from personalm.datamodule import ComPreDDataModule
+    from personalm.data.datamodule import ComPreDDataModule
     from personalm.dpo import DPOModule
 
     install_phase_hooks([LlamaForCausalLM])
@@ -418,26 +417,12 @@ def run_personalm(args, precompute: bool, tmp: Path) -> dict:
             return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=args.shuffle,
                               collate_fn=timed_collate, num_workers=loader.num_workers)
 
-    precompute_seconds = collections.defaultdict(float)
-    if hasattr(DPOModule, "_precompute"):  # time reference precomputation (setup) per split
-        original = DPOModule._precompute
-
-        def _precompute(self, stage, *a, **k):
-            t = time.perf_counter()
-            try:
-                return original(self, stage, *a, **k)
-            finally:
-                precompute_seconds[stage] += time.perf_counter() - t
-
-        DPOModule._precompute = _precompute
     DPOModule.training_step = TIMER.wrap(PHASES[4], DPOModule.training_step)
 
     wanted = dict(model_name_or_path="embedded:tiny-llama", beta=0.1, loss_type="sigmoid", lr=args.lr,
                   weight_decay=0.0, warmup_steps=0, precompute_reference=precompute,
                   reference_cache=str(tmp / f"reference-cache-{os.getpid()}"), disable_dropout=True, export_dir="")
-    params = {**inspect.signature(DPOModule.__init__).parameters,
-              **inspect.signature(DPOModule.__mro__[1].__init__).parameters}
-    module = DPOModule(**{k: v for k, v in wanted.items() if k in params})
+    module = DPOModule(**wanted)
     dm = BenchDataModule(dataset="embedded:compred", subset="finance", rows="preference",
                          max_length=args.max_length, batch_size=args.batch_size)
 
@@ -459,9 +444,9 @@ def run_personalm(args, precompute: bool, tmp: Path) -> dict:
     ds = dm.splits["train_pref"]
     optimizer = trainer.optimizers[0]
     extra = {"longest_sequence": longest(ds), "rows": len(ds),
-             "precompute_seconds": sum(precompute_seconds.values()) if precompute else None,
-             "precompute_seconds_by_stage": dict(precompute_seconds) if precompute else None,
-             "reference_in_memory": bool(getattr(module, "_frozen", None)),
+             "precompute_seconds": sum(module.precomputed.seconds.values()) if precompute else None,
+             "precompute_seconds_by_stage": dict(module.precomputed.seconds) if precompute else None,
+             "reference_in_memory": module.reference.loaded,
              "optimizer": type(optimizer).__name__}
     return rec.result("personalm-precompute" if precompute else "personalm", extra)
 
@@ -522,7 +507,7 @@ def fmt(x, spec=".1f"):
 def report(results: dict, args, info: dict) -> None:
     v = info["versions"]
     print(f"\nDPO on CPU: personalm DPOModule vs trl DPOTrainer ({time.strftime('%Y-%m-%d %H:%M')})")
-    print(f"versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; python {sys.version.split()[0]}")
+    print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; python {sys.version.split()[0]}")
     print(f"model embedded:tiny-llama ({info.get('params', '?')} params), data embedded:compred/finance "
           f"train_pref: {info['rows']} pairs, longest prompt+response {info['longest']} tokens (max_length "
           f"{args.max_length}: " + ("nothing truncated)" if info["longest"] <= args.max_length else
@@ -549,7 +534,8 @@ def report(results: dict, args, info: dict) -> None:
               f"{fmt(r['train_peak_mb'], '.0f'):>9}MB{fmt(inc, '+.0f'):>9}MB{r['peak_rss_mb']:>8.0f}MB")
     print("\n(ms/step: timed loop wall time per step; in-step: step begin -> end only; CPU ms: process CPU time per "
           "step over the timed loop (less sensitive to other processes than wall time); setup s: process start "
-          "(imports included) -> step 1; precomp s: reference log-probs precomputation, part of setup; RSS setup: RSS just "
+          "(imports included) -> step 1; precomp s: reference log-probs precomputation, part of setup; "
+          "RSS setup: RSS just "
           "before step 1; train peak: peak RSS from step 1 to the last timed step; increment = train peak - "
           "RSS setup; peak RSS: ru_maxrss of the whole process, setup included)")
 
@@ -582,7 +568,8 @@ def report(results: dict, args, info: dict) -> None:
             d_end = (abs(p["loss_at_end_of_timed_steps"] - t["loss_at_end_of_timed_steps"])
                      if p["loss_at_end_of_timed_steps"] is not None and t["loss_at_end_of_timed_steps"] is not None
                      else None)
-            print(f"  personalm{mode} vs trl{mode}: |loss difference| at step 1 {abs(p['first_loss'] - t['first_loss']):.1e}, "
+            first = abs(p['first_loss'] - t['first_loss'])
+            print(f"  personalm{mode} vs trl{mode}: |loss difference| at step 1 {first:.1e}, "
                   f"at step {p['warmup'] + p['steps']} {fmt(d_end, '.1e')}")
     for side, r in results.items():
         if r.get("precompute_seconds_by_stage"):
@@ -678,6 +665,7 @@ def main(argv=None) -> None:
                 "load_before": load_before, "omp_wait_policy": env["OMP_WAIT_POLICY"]}
         try:
             import torch  # noqa: F401  (parameter count, cheap)
+
             from personalm.models import load_causal_lm
 
             info["params"] = f"{sum(p.numel() for p in load_causal_lm('embedded:tiny-llama').parameters()) / 1e6:.2f}M"

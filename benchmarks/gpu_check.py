@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --size tiny --steps 4     # the CPU smoke setting the tests run
 
 It builds the model from a config (random init under a fixed seed, no download) with a 32,000-token
-vocabulary, writes ComPreD-format rows of realistic, heavy-tailed lengths (``personalm.synthetic.LengthModel``)
+vocabulary, writes ComPreD-format rows of realistic, heavy-tailed lengths (``personalm.data.synthetic.LengthModel``)
 and runs, in ``bf16-mixed`` with gradient checkpointing and the paper's lengths (prompt 512, sequence 1024):
 
 1. SFT with LoRA (r 16) from the random model, exported (the start of the DPO runs);
@@ -112,7 +112,8 @@ class Measure:
         tps = tokens / seconds if seconds else float("nan")
         flops = (6 + (2 if reference_forward else 0)) * n_params * tps
         return {"steps": len(self.times), "timed_steps": len(self.times[timed]), "tokens_per_s": tps,
-                "s_per_step": seconds / max(len(self.times[timed]), 1), "mfu": flops / peak_flops if peak_flops else None,
+                "s_per_step": seconds / max(len(self.times[timed]), 1),
+                "mfu": flops / peak_flops if peak_flops else None,
                 "peak_gib": self.peak_gib, "first_loss": self.losses[0] if self.losses else None,
                 "changed": self.changed, "trainable": self.trainable}
 
@@ -147,14 +148,14 @@ def lightning_callback(measure: Measure):
 
 def run_personalm(name: str, config: str, args, base: str, out: Path, extra: list[str], measure: Measure,
                   strategy: str = None):
-    from personalm.cli import PersonalmCLI
-
     import personalm.dpo  # noqa: F401
     import personalm.sft  # noqa: F401
+    from personalm.cli import PersonalmCLI
 
-    configs = ["--config", str(REPO / "configs" / "demo" / config)]
+    configs = ["--config", str(REPO / "configs" / "trainer" / "cpu.yaml")]
     if strategy:
         configs += ["--config", str(REPO / "configs" / "strategies" / strategy)]
+    configs += ["--config", str(REPO / "configs" / "demo" / config)]
     argv = [*configs, f"--data.dataset={out / 'data'}",
             "--data.subset=finance", f"--model.init_args.model_name_or_path={base}",
             f"--trainer.default_root_dir={out / name}", f"--trainer.max_steps={args.steps}", "--trainer.max_epochs=-1",
@@ -239,7 +240,7 @@ def build(args, out: Path) -> tuple[str, int]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from personalm import synthetic
+    from personalm.data import synthetic
     from personalm.models import load_tokenizer
 
     posts = {"train_pref": args.posts, "validation_pref": 2, "test_pref": 2}

@@ -22,7 +22,7 @@ def write(root: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from personalm import synthetic
+    from personalm.data import synthetic
 
     folder = root / "finance"
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def write(root: Path, rows: int) -> None:
 CHILD = """
 import resource, sys, time
 t = time.perf_counter()
-from personalm.datamodule import ComPreDDataModule
+from personalm.data.datamodule import ComPreDDataModule
 import datasets
 datasets.disable_progress_bars()
 if sys.argv[1] == "prepare":

@@ -1,7 +1,7 @@
 import sys
 
 if len(sys.argv) > 1 and sys.argv[1] == "export":  # python -m personalm export --ckpt_path ...
-    from personalm.export import main as export
+    from personalm.training.export import main as export
 
     export(sys.argv[2:])
 else:  # python -m personalm fit|validate|test|predict --config ...

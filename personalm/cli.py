@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
 from lightning.pytorch.cli import LightningCLI
 
-from personalm.datamodule import ComPreDDataModule
-from personalm.lm_module import CausalLMModule
-from personalm.predict_writer import JsonlPredictionWriter
+from personalm.data.datamodule import ComPreDDataModule
+from personalm.evaluation.predict_writer import JsonlPredictionWriter
+from personalm.training.base import CausalLMModule
 
 
 class PersonalmCLI(LightningCLI):
@@ -19,6 +23,23 @@ class PersonalmCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # modules own optimizer + schedule
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI does (the checkpoint's hyperparameters fill the model's settings), with settings a
+        checkpoint holds as objects (``GenerationSettings``, ``LoraSettings``: written before they were plain
+        data) turned into the dicts the parser takes."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        hparams = {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in hparams.items()}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_fit(self) -> None:
         """Refuse precision settings that cannot train before the data are prepared (minutes on real data)."""
@@ -34,8 +55,8 @@ class PersonalmCLI(LightningCLI):
 
 
 def main(args=None) -> PersonalmCLI:
-    import personalm.dpo  # noqa: F401  (register the modules for short class names in configs)
-    import personalm.reward  # noqa: F401
-    import personalm.sft  # noqa: F401
+    import personalm.training.dpo  # noqa: F401  (register the modules for short class names in configs)
+    import personalm.training.reward  # noqa: F401
+    import personalm.training.sft  # noqa: F401
 
     return PersonalmCLI(args=args)

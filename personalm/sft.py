@@ -1,31 +1,5 @@
-"""Supervised fine-tuning on the preferred response: the loss covers response tokens only."""
+"""Where configs and checkpoints name it (``personalm.sft.SFTModule``); the code is in ``personalm.training.sft``."""
 
-from __future__ import annotations
+from personalm.training.sft import SFTModule
 
-import torch
-
-from personalm.lm_module import CausalLMModule
-
-
-class SFTModule(CausalLMModule):
-    """Completion-only cross-entropy on the chosen response (prompt and padding are labelled -100).
-
-    Takes ``ComPreDDataModule(rows="sft")`` batches. Arguments: see ``CausalLMModule``.
-    """
-
-    def model_step(self, batch) -> torch.Tensor:
-        # transformers shifts the labels and averages over the labelled (response) tokens, in fp32
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-
-    def training_step(self, batch, batch_idx):
-        loss = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self.model_step(batch), prog_bar=True, sync_dist=True,
-                 batch_size=batch["input_ids"].size(0))
-
-    def test_step(self, batch, batch_idx):
-        self.log("test/loss", self.model_step(batch), sync_dist=True, batch_size=batch["input_ids"].size(0))
+__all__ = ["SFTModule"]

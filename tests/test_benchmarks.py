@@ -16,7 +16,8 @@ def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
     """``benchmarks/gpu_check.py --size tiny``: every run trains (DPO starts at ln 2, weights change) and the
     table and JSON come out; trl's run is there when trl is importable."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--size", "tiny", "--steps", "4",
-                           "--warmup", "1", "--sft-batch", "2", "--dpo-batch", "2", "--max-length", "256", "--posts", "3",
+                           "--warmup", "1", "--sft-batch", "2", "--dpo-batch", "2", "--max-length", "256",
+                           "--posts", "3",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

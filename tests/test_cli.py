@@ -6,9 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from personalm import synthetic
 from personalm.cli import main
-from tests.conftest import DEMO, quiet, scalars
+from personalm.data import synthetic
+from tests.helpers import DEMO, quiet, scalars
 
 
 def test_fit_writes_tensorboard_scalars_and_val_loss_falls(sft_run):
@@ -40,7 +40,7 @@ def test_export_loads_with_plain_transformers(sft_run, tokenizer):
 def test_predict_writes_one_line_per_post(sft_run, small_compred, tmp_path):
     cli, _ = sft_run
     out = tmp_path / "preds.jsonl"
-    main(["predict", "--config", DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+    main(["predict", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
           f"--model.init_args.model_name_or_path={cli.model.export_path}", f"--predictions.output_path={out}",
           "--model.init_args.generation.max_new_tokens=8", "--data.eval_batch_size=3"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -60,9 +60,10 @@ def test_predict_without_context_and_with_random_community(sft_run, small_compre
     cli, _ = sft_run
     for extra, check in ((["--data.contextualize=False"], lambda r: r["prompt_community"] == "Reddit"),
                          (["--data.random_community=true"],
-                          lambda r: r["prompt_community"].startswith("r/") and r["prompt_community"] != r["community"])):
+                          lambda r: r["prompt_community"].startswith("r/")
+                          and r["prompt_community"] != r["community"])):
         out = tmp_path / f"preds{len(extra[0])}.jsonl"
-        main(["predict", "--config", DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+        main(["predict", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               f"--model.init_args.model_name_or_path={cli.model.export_path}", f"--predictions.output_path={out}",
               "--model.init_args.generation.max_new_tokens=4", *extra])
         rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -77,7 +78,7 @@ def test_fit_on_unseen_parquet_folder(tmp_path):
         assert {r["labels"] for r in rows} == {0, 1}
         (root / "askstuff").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), root / "askstuff" / f"{split}.parquet")
-    cli = main(["fit", "--config", DEMO, *quiet(tmp_path), f"--data.dataset={root}", "--data.subset=askstuff",
+    cli = main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={root}", "--data.subset=askstuff",
                 "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--model.init_args.export_dir="])
     assert cli.trainer.global_step == 3
     assert cli.datamodule.stats["train_pref"].rows_out > 0
@@ -86,6 +87,6 @@ def test_fit_on_unseen_parquet_folder(tmp_path):
 
 def test_validate_subcommand(sft_run, small_compred, tmp_path):
     cli, _ = sft_run
-    v = main(["validate", "--config", DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+    v = main(["validate", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               f"--model.init_args.model_name_or_path={cli.model.export_path}"])
     assert "val/loss" in v.trainer.callback_metrics

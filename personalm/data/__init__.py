@@ -1,0 +1,10 @@
+"""Data: ComPreD from the Hub or a local copy (or the synthetic ``embedded:compred``), validated, paired,
+subsampled, put in the one prompt template, tokenized with truncation in tokens, and collated; one
+LightningDataModule serves every phase.
+
+Owns ``prompt`` (the template), ``compred`` (loading, schema validation, splits), ``pairs`` (skips, A/B to
+chosen/rejected, the paper's subsample), ``encoding`` (one tokenization of the prompt, lengths in tokens),
+``collate`` (padded tensors, labels on responses), ``datamodule`` and ``synthetic`` (the offline demo data).
+May import ``personalm.paths`` and ``personalm.models`` (for the tokenizer); nothing from training,
+evaluation or the study.
+"""

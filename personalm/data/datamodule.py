@@ -1,0 +1,247 @@
+"""One LightningDataModule for every stage: SFT rows, preference rows, generation prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import partial
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import datasets
+import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from personalm.data import compred, encoding, pairs, prompt, synthetic
+from personalm.data.collate import collate_preference, collate_prompts, collate_sft
+from personalm.data.encoding import encode_batch, prompt_budget
+from personalm.data.prompt import community_string, random_other_community
+from personalm.models import load_tokenizer
+from personalm.paths import is_embedded
+
+ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs)  # their source is part of the tokenization cache key
+
+
+class ComPreDDataModule(L.LightningDataModule):
+    """ComPreD (or a local copy in the Hub layout, or ``embedded:compred``) for SFT, DPO and generation.
+
+    Args:
+        dataset: Hub id (``allenai/compred``), a local folder in the Hub layout, or ``embedded:compred``
+            (the synthetic demo data, NOT real Reddit data).
+        subset: one subset (``finance``) or a list (``[finance, history]``) trained together.
+        rows: what fit/validate/test serve: ``sft`` (prompt + preferred response, loss on the response)
+            or ``preference`` (prompt, chosen, rejected, community). Predict always serves one prompt
+            per ``post_id`` of the test prompts.
+        tokenizer: tokenizer name or path; the CLI links it to the model's ``model_name_or_path``.
+        contextualize: ``r/<subreddit>`` in the prompt (true) or ``Reddit`` (false).
+        random_community: ablation: a different community from the same split, drawn reproducibly
+            per post under ``seed`` (needs ``contextualize: true``).
+        conditioning_variants: preference rows also carry the prompt with no community and with a
+            random one, so evaluation can score the same pairs under each (validate/test only).
+        min_score_ratio: training pairs need ``score_ratio >=`` this (paper: 2). None keeps all.
+        max_pairs_per_post: at most this many training pairs per post, drawn under ``seed`` (paper: 5).
+        max_train_pairs: optional seeded cap on training rows after subsampling (quick runs).
+        max_eval_pairs: optional seeded cap on validation/test rows.
+        max_length: tokens of prompt + response; a response's tail is cut to fit.
+        max_prompt_length: tokens the prompt may take (paper's DPO: 512); markers, community and title stay
+            whole, the post body is shortened from its end. Default: half of ``max_length``.
+        batch_size: training batch size (pairs for preference rows).
+        eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        num_workers: DataLoader workers (0 is fastest for the tiny demo on CPU).
+        seed: subsampling, caps and random communities.
+        cache_dir: ``datasets`` cache folder (default: the Hugging Face cache).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "allenai/compred",
+        subset: Union[str, list[str]] = "finance",
+        rows: Literal["sft", "preference"] = "sft",
+        tokenizer: str = "embedded:tiny-llama",
+        contextualize: bool = True,
+        random_community: bool = False,
+        conditioning_variants: bool = False,
+        min_score_ratio: Optional[float] = 2.0,
+        max_pairs_per_post: Optional[int] = 5,
+        max_train_pairs: Optional[int] = None,
+        max_eval_pairs: Optional[int] = None,
+        max_length: int = 1024,
+        max_prompt_length: Optional[int] = None,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        if not isinstance(contextualize, bool) or not isinstance(random_community, bool):
+            raise TypeError("contextualize and random_community must be true or false (YAML booleans)")
+        if random_community and not contextualize:
+            raise ValueError("random_community replaces the community name, so it needs contextualize: true")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        prompt_budget(max_length, max_prompt_length)  # max_prompt_length >= max_length fails here, at start-up
+        for name, value in (("max_pairs_per_post", max_pairs_per_post), ("max_train_pairs", max_train_pairs),
+                            ("max_eval_pairs", max_eval_pairs)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for no cap), got {value}")
+        self.save_hyperparameters()
+        self.subsets = [subset] if isinstance(subset, str) else list(subset)
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.stats: dict[str, compred.PrepStats] = {}
+        self._tokenizer = None
+
+    # -- preparation ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    @property
+    def source(self) -> str:
+        name = self.hparams.dataset
+        return str(synthetic.dataset_dir(name)) if is_embedded(name) else name
+
+    def _splits_for(self, stage: Optional[str]) -> list[str]:
+        if stage is None:
+            return [*compred.PREFERENCE_SPLITS, compred.PROMPT_SPLIT]
+        return [compred.SPLIT_OF_PHASE[phase] for phase in compred.PHASES_OF[stage]]
+
+    def prepare_data(self) -> None:
+        """Runs on one process first: downloads or builds the data and fills the ``datasets`` cache, so
+        the other processes' ``setup`` only reads it. Kept on this process too (no second tokenization)."""
+        stage = self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else None
+        self.setup(stage)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        for split in self._splits_for(stage):
+            if split not in self.splits:
+                self.splits[split] = self.prepare_split(split)
+
+    def prepare_split(self, split: str) -> datasets.Dataset:
+        """Load, validate, pair, subsample and tokenize one split; log what was skipped or shortened."""
+        hp = self.hparams
+        stats = compred.PrepStats()
+        if split == compred.PROMPT_SPLIT:
+            ds = pairs.load_prompts(self.source, self.subsets, stats, hp.cache_dir)
+            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
+        else:
+            ds = pairs.load_pairs(self.source, self.subsets, split, stats, hp.cache_dir)
+            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
+            if split == "train_pref":
+                n = ds.num_rows
+                ds = pairs.subsample(ds, hp.min_score_ratio, hp.max_pairs_per_post, hp.seed, stats)
+                self._require_rows(ds, split, stats, f"the paper's subsample (the score-ratio threshold, "
+                                   f"min_score_ratio: {hp.min_score_ratio}, then max_pairs_per_post: "
+                                   f"{hp.max_pairs_per_post}; none of the {n} pairs passes)")
+                ds = pairs.seeded_limit(ds, hp.max_train_pairs, hp.seed)
+            else:
+                ds = pairs.seeded_limit(ds, hp.max_eval_pairs, hp.seed)
+        ds = self._tokenize(ds, split)
+        for name in ("shortened", "post_shortened", "response_cut", "dropped"):
+            setattr(stats, name, pairs.count_true(ds, name))
+        if stats.dropped:
+            ds = pairs.drop_where(ds, "dropped")  # then renumber: "index" is the row's position in the
+            ds = ds.map(lambda _, i: {"index": i}, with_indices=True, desc=f"renumber {split}")  # split
+        budget = prompt_budget(hp.max_length, hp.max_prompt_length)
+        self._require_rows(ds, split, stats, f"the length limits (markers, community and title of every row "
+                           f"exceed the prompt budget of {budget} tokens; raise max_prompt_length/max_length)")
+        stats.rows_out = ds.num_rows
+        self.stats[split] = stats
+        rank_zero_info(
+            f"[personalm] {split}: {stats.rows} rows read, skipped {stats.skipped or 'none'}, "
+            f"{stats.subsampled_out} left out by subsampling, {stats.post_shortened} posts shortened to fit "
+            f"{budget} prompt tokens, {stats.response_cut} with a response cut to fit {hp.max_length} tokens, "
+            f"{stats.dropped} dropped (markers and title alone over {budget} tokens), {ds.num_rows} used")
+        return ds
+
+    def _require_rows(self, ds: datasets.Dataset, split: str, stats: compred.PrepStats, after: str) -> None:
+        if ds.num_rows == 0:
+            source = compred.describe_source(self.source, self.subsets, split)
+            raise compred.ComPreDDataError(f"{split} of {source}: no rows left after {after}; {stats.rows} rows read")
+
+    def _fingerprint(self, ds: datasets.Dataset, split: str) -> str:
+        """Cache key of a tokenized split: its data, the settings and tokenizer that shape the rows, and the
+        source of every module that does (a change to the template or the encoding is a new key)."""
+        keys = ("rows", "contextualize", "random_community", "conditioning_variants", "max_length",
+                "max_prompt_length", "seed")
+        tok = self.tokenizer
+        tok_id = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else tok.name_or_path
+        sources = [__file__, *(m.__file__ for m in ROW_SHAPING_MODULES)]
+        code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources))
+        code = code.hexdigest()
+        blob = json.dumps([ds._fingerprint, split, {k: self.hparams[k] for k in keys}, tok_id, tok.eos_token_id,
+                           tok.bos_token_id, code], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        hp, tok = self.hparams, self.tokenizer
+        all_communities = pairs.communities(ds)
+        prompts_only = split == compred.PROMPT_SPLIT
+        preference = hp.rows == "preference" and not prompts_only
+        variants = ("none", "random") if preference and hp.conditioning_variants and split != "train_pref" else ()
+
+        def shown(community: str, post_id: str, mode: str) -> str:
+            if mode == "random":
+                return "r/" + random_other_community(community, post_id, all_communities, hp.seed)
+            return community_string(community, mode == "true")
+
+        mode = "random" if hp.random_community else ("true" if hp.contextualize else "none")
+
+        def encode_rows(batch: dict, indices: list[int]) -> dict:
+            rows = list(zip(batch["community"], batch["post_id"]))
+            shown_as = [shown(c, p, mode) for c, p in rows]
+            responses = [] if prompts_only else [batch["chosen"]] + ([batch["rejected"]] if preference else [])
+            alternatives = [[shown(c, p, name) for c, p in rows] for name in variants]  # same post, same responses
+            enc = encode_batch(tok, shown_as, batch["title"], batch["post"], responses, hp.max_length,
+                               hp.max_prompt_length, variants=alternatives)
+            out = {"index": indices, "prompt_community": shown_as, "prompt_ids": [e.prompt_ids for e in enc],
+                   "post_chars": [e.post_chars for e in enc], "shortened": [e.shortened for e in enc],
+                   "post_shortened": [e.post_shortened for e in enc], "response_cut": [e.response_cut for e in enc],
+                   "dropped": [e.dropped for e in enc]}
+            if not prompts_only:
+                out["chosen_ids"] = [e.response_ids[0] if e.response_ids else [] for e in enc]
+            if preference:
+                out["rejected_ids"] = [e.response_ids[1] if e.response_ids else [] for e in enc]
+            for v, name in enumerate(variants):  # the same pairs, prompt without community / with a wrong one
+                out[f"{name}_prompt_ids"] = [e.variant_prompt_ids[v] if e.variant_prompt_ids else [] for e in enc]
+            return out
+
+        return ds.map(encode_rows, batched=True, with_indices=True, desc=f"tokenize {split}",
+                      new_fingerprint=self._fingerprint(ds, split))
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def collate_fn(self, split: str):
+        """The collate function for a split: prompts (left-padded), preference pairs or SFT rows."""
+        pad = self.tokenizer.pad_token_id
+        if split == compred.PROMPT_SPLIT:
+            return partial(collate_prompts, pad_id=pad)
+        if self.hparams.rows == "preference":
+            return partial(collate_preference, pad_id=pad)
+        return partial(collate_sft, pad_id=pad)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if split not in self.splits:
+            self.splits[split] = self.prepare_split(split)
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collate_fn(split), num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train_pref", True, self.hparams.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation_pref", False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test_pref", False, self.eval_batch_size)
+
+    def predict_dataloader(self):
+        return self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)

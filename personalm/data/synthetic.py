@@ -1,0 +1,274 @@
+"""A small synthetic dataset in the ComPreD format, built so that communities disagree.
+
+It is NOT real Reddit data. It exists so the whole pipeline runs offline and so the effect the paper
+studies is visible in minutes: every subset has four communities that share the same kinds of posts
+(the post text never reveals the community) and three comment styles. Each community ranks the styles
+differently, and the four rankings are chosen so that each pair of styles is won by one style in two
+communities and by the other in the remaining two. Without the community in the prompt a model can
+do no better than chance on these pairs; with it, a model can learn every community's taste.
+
+Rows carry every field of the real schema (``domain`` with the SHP-style split suffix, A/B order
+random, ``labels`` 1 when A is preferred), and the files are written in the Hub layout::
+
+    <dir>/<subset>/{train_pref,validation_pref,test_pref}.jsonl
+    <dir>/<subset>_test_prompts/test_prompts.jsonl
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from personalm.models.embedded import MODEL_DIR, lookup
+from personalm.paths import cache_root
+
+# Each community's ranking of the three styles (best first). Across the four rankings
+# (0,2,1) (1,2,0) (2,1,0) (0,1,2) every pair of styles is won 2:2, so no style is better "on Reddit".
+_RANKINGS = [(0, 2, 1), (1, 2, 0), (2, 1, 0), (0, 1, 2)]
+
+SUBSETS = {
+    "finance": {
+        "communities": ["personalfinance", "wallstreetbets", "Frugal", "investing"],  # careful, bold, thrifty, careful
+        "titles": ["Should I put my {thing} into {asset}?", "What do I do with a {thing} of {amount}?",
+                   "Is it smart to use my {thing} for {asset}?", "Got a {thing}, now what about {asset}?"],
+        "bodies": ["I am {age} and have {amount} saved. My job is stable but rent keeps going up.",
+                   "My partner and I just got a {thing}. We have some debt and no real plan yet.",
+                   "I keep reading about {asset} and I do not know if it fits someone who is {age}.", ""],
+        "slots": {"thing": ["bonus", "tax refund", "inheritance", "raise", "windfall"],
+                  "asset": ["index funds", "crypto", "a house", "options", "bonds", "gold"],
+                  "amount": ["5k", "12k", "40k", "100k", "800 dollars"], "age": ["22", "29", "35", "47", "58"]},
+        "styles": [  # A: careful, B: bold, C: thrifty
+            ["Build an emergency fund of {n} months first, then buy a low cost index fund and wait.",
+             "Pay off the high interest debt, max the retirement account, and diversify slowly.",
+             "Keep it boring: broad index funds, automatic contributions, and no panic selling."],
+            ["Put it all into {ticker} calls and hold, this is how you get rich fast.",
+             "YOLO it on {ticker} before earnings, diamond hands, we are going to the moon.",
+             "Leverage up on {ticker}, fortune favours the bold and the market only goes up."],
+            ["Cancel {sub} and cook at home, every dollar you keep is a dollar earned.",
+             "Buy used, skip {sub}, and stash the savings in a jar, frugal beats fancy.",
+             "Track every coffee and drop {sub}, small savings add up to big freedom."]],
+        "style_slots": {"n": ["three", "six", "nine"], "ticker": ["GME", "TSLA", "NVDA", "SPY"],
+                        "sub": ["the gym", "streaming", "takeout", "the car lease"]},
+    },
+    "history": {
+        "communities": ["AskHistorians", "HistoryMemes", "history", "AskEurope"],  # sourced, meme, story, sourced
+        "titles": ["Why did {empire} fall so quickly?", "What was daily life like in {place} around {year}?",
+                   "How did people in {place} react to {event}?", "Was {event} really as bad as they say?"],
+        "bodies": ["I read a short article about {event} and it left me with more questions than answers.",
+                   "My teacher said {empire} collapsed for one reason, but that sounds too simple.",
+                   "I am visiting {place} next month and want to understand what happened there in {year}.", ""],
+        "slots": {"empire": ["Rome", "the Aztec empire", "Byzantium", "the Mongol empire"],
+                  "place": ["Paris", "Kyoto", "Cairo", "Venice", "Krakow"], "year": ["1348", "1666", "1789", "1918"],
+                  "event": ["the plague", "the great fire", "the revolution", "the famine"]},
+        "styles": [  # A: sourced, B: meme, C: story
+            ["According to {scholar}, the primary sources point to several causes at once; see their monograph.",
+             "The evidence from archives and letters suggests a slow process; {scholar} covers this in detail.",
+             "Historians such as {scholar} argue from tax records and chronicles that the picture is complex."],
+            ["Imagine being {figure} and thinking this would work lol, absolute meme material.",
+             "{figure} really said hold my wine and speedran the collapse, classic.",
+             "Nobody: absolutely nobody: {figure}: let us make it worse, peak comedy."],
+            ["Picture the streets at dawn: a baker named {name} opens her shop while rumours spread.",
+             "Think of {name}, a young clerk, watching the smoke rise and packing what he could carry.",
+             "Imagine {name} walking home past shuttered shops, wondering if tomorrow would be the same."]],
+        "style_slots": {"scholar": ["Braudel", "Hobsbawm", "Tuchman", "Ladurie"],
+                        "figure": ["the emperor", "the king", "the general", "the pope"],
+                        "name": ["Marie", "Jonas", "Aiko", "Tomasz"]},
+    },
+}
+
+@dataclass(frozen=True)
+class LengthModel:
+    """Heavy-tailed lengths, in words, for post bodies and comments: log-normal (median, sigma), clipped.
+
+    Reddit text is heavy-tailed, roughly log-normal: most comments are a sentence or two, a few run to
+    essays, and posts are longer. ComPreD itself cannot be measured here (no Hub), so the defaults are
+    assumptions, kept as parameters: post body median 120 words (sigma 1.0: a quarter over ~235 words, 1%
+    over ~1200), comment median 40 words (sigma 1.1: 1% over ~500), clipped at 2000 and 1200 words. The
+    words added are neutral sentences drawn alike for every community and comment style, so lengths carry
+    no signal: the demo's learning problem is unchanged, only the sequences are longer and uneven.
+    """
+
+    post_median: float = 120.0
+    post_sigma: float = 1.0
+    post_max: int = 2000
+    comment_median: float = 40.0
+    comment_sigma: float = 1.1
+    comment_max: int = 1200
+
+
+_FILLER = ["I have been thinking about this for a while now.", "There are a few things worth keeping in mind here.",
+           "It depends a lot on the details, of course.", "Some people will tell you otherwise, and that is fine.",
+           "I went through something similar a few years ago.", "Take this with a grain of salt.",
+           "The short version is that it is complicated.", "To be honest I was surprised when I first looked into it.",
+           "Here is what I found after reading around.", "Edit: a few people asked me to add more detail.",
+           "This is a longer story than it looks at first.", "My situation may be different from yours.",
+           "Let me explain what I mean by that.", "Looking back, I would have done a few things differently.",
+           "Nobody really talks about this part.", "I am not sure this is the right place to ask, but here goes."]
+
+
+def _words(rng: random.Random, median: float, sigma: float, most: int) -> int:
+    return min(int(rng.lognormvariate(math.log(median), sigma)), most)
+
+
+def _pad_to(rng: random.Random, text: str, words: int) -> str:
+    """``text`` followed by neutral sentences until it holds about ``words`` words."""
+    parts, n = [text] if text else [], len(text.split())
+    while n < words:
+        sentence = rng.choice(_FILLER)
+        parts.append(sentence)
+        n += len(sentence.split())
+    return " ".join(parts)
+
+
+SPLITS = {"train_pref": "train", "validation_pref": "validation", "test_pref": "test"}
+DEFAULT_POSTS = {"train_pref": 120, "validation_pref": 12, "test_pref": 20}
+_SCORE_BY_RANK = [(40, 120), (8, 20), (1, 4)]
+
+
+def _fill(rng: random.Random, template: str, slots: dict) -> str:
+    return template.format(**{k: rng.choice(v) for k, v in slots.items()})
+
+
+def _post(rng: random.Random, spec: dict) -> tuple[str, str]:
+    return _fill(rng, rng.choice(spec["titles"]), spec["slots"]), _fill(rng, rng.choice(spec["bodies"]), spec["slots"])
+
+
+def posts(subset: str, split: str, n_posts: int, seed: int = 0,
+          lengths: Optional[LengthModel] = None) -> Iterator[dict]:
+    """Posts with their comments: dicts with community, post_id, title, history, comments [(text, score)].
+    With ``lengths``, bodies and comments are lengthened to heavy-tailed lengths (the rest is unchanged)."""
+    spec = SUBSETS[subset]
+    rng = random.Random(f"{seed}:{subset}:{split}")
+    longer = random.Random(f"{seed}:{subset}:{split}:lengths")  # its own draws: the demo's rows stay as they are
+    for ci, community in enumerate(spec["communities"]):
+        ranking = _RANKINGS[ci]
+        for p in range(n_posts):
+            title, history = _post(rng, spec)
+            styles = [0, 1, 2, rng.randrange(3)]  # one comment per style, plus one more
+            comments, bases = [], []
+            for style in styles:
+                text = _fill(rng, rng.choice(spec["styles"][style]), spec["style_slots"])
+                bases.append(text)
+                if lengths is not None:
+                    text = _pad_to(longer, text, _words(longer, lengths.comment_median, lengths.comment_sigma,
+                                                        lengths.comment_max))
+                low, high = _SCORE_BY_RANK[ranking.index(style)]
+                comments.append((text, rng.randint(low, high)))
+            if lengths is not None:
+                history = _pad_to(longer, history, _words(longer, lengths.post_median, lengths.post_sigma,
+                                                          lengths.post_max))
+            yield {"community": community, "post_id": f"{subset[:3]}{split[:2]}{ci}{p:05d}",
+                   "title": title, "history": history, "comments": comments, "bases": bases}
+
+
+def preference_rows(subset: str, split: str, n_posts: int, seed: int = 0,
+                    lengths: Optional[LengthModel] = None) -> Iterator[dict]:
+    """ComPreD preference rows (all schema fields) for every comment pair of every post."""
+    rng = random.Random(f"{seed}:{subset}:{split}:pairs")
+    suffix = SPLITS.get(split, "train")
+    for post in posts(subset, split, n_posts, seed, lengths):
+        for (i, (ta, sa)), (j, (tb, sb)) in itertools.combinations(enumerate(post["comments"]), 2):
+            if post["bases"][i] == post["bases"][j]:  # the same comment twice (lengthened apart or not)
+                continue
+            if rng.random() < 0.5:
+                (i, ta, sa), (j, tb, sb) = (j, tb, sb), (i, ta, sa)
+            t0 = 1.6e9 + rng.randrange(10**7)
+            yield {
+                "domain": f"{post['community']}_{suffix}", "post_id": post["post_id"],
+                "title": post["title"], "history": post["history"],
+                "c_root_id_A": f"{post['post_id']}c{i}", "c_root_id_B": f"{post['post_id']}c{j}",
+                "created_at_utc_A": t0, "created_at_utc_B": t0 + 60 * (j - i),
+                "score_A": sa, "score_B": sb, "human_ref_A": ta, "human_ref_B": tb,
+                "labels": int(sa > sb), "overlap_ratio": 0.0, "seconds_difference": float(abs(60 * (j - i))),
+                "score_ratio": max(sa, sb) / min(sa, sb), "len_ratio": max(len(ta), len(tb)) / min(len(ta), len(tb)),
+            }
+
+
+def prompt_rows(subset: str, n_posts: int, seed: int = 0, lengths: Optional[LengthModel] = None) -> Iterator[dict]:
+    """Test-prompt rows: several per post (one per rank), as in ``<subset>_test_prompts``."""
+    for post in posts(subset, "test_pref", n_posts, seed, lengths):
+        for rank in range(1, 4):
+            yield {"rank": rank, "only_comment": False, "domain": post["community"], "post_id": post["post_id"],
+                   "title": post["title"], "history": post["history"]}
+
+
+def write_jsonl(path: Path, rows) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+            n += 1
+    return n
+
+
+def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0,
+                  lengths: Optional[LengthModel] = None) -> Path:
+    """Write the synthetic dataset in the Hub layout under ``root`` (atomically: all or nothing); with
+    ``lengths``, posts and comments of heavy-tailed lengths (benchmarks), else the demo's short ones."""
+    root = Path(root)
+    n_posts = {**DEFAULT_POSTS, **(n_posts or {})}
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for subset in subsets:
+        for split in SPLITS:
+            write_jsonl(tmp / subset / f"{split}.jsonl", preference_rows(subset, split, n_posts[split], seed, lengths))
+        write_jsonl(tmp / f"{subset}_test_prompts" / "test_prompts.jsonl",
+                    prompt_rows(subset, n_posts["test_pref"], seed, lengths))
+    if root.exists():
+        shutil.rmtree(tmp)
+        return root  # another process finished first; same seed, same content
+    tmp.rename(root)
+    return root
+
+
+def corpus(seed: int = 0) -> Iterator[str]:
+    """Every text the synthetic data can hold, for training the embedded tokenizer."""
+    for subset in SUBSETS:
+        for post in posts(subset, "train_pref", 200, seed):
+            yield f"r/{post['community']}\n{post['title']}\n{post['history']}"
+            yield from (text for text, _ in post["comments"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# embedded:compred, and the embedded model's tokenizer (trained on this data)
+
+DATASETS = {"compred": "compred-synthetic-v1"}
+
+
+def dataset_dir(name: str) -> Path:
+    """Folder of an embedded dataset (``embedded:compred``), written under the cache root on first use."""
+    root = cache_root() / lookup(name, DATASETS)
+    if not root.exists():
+        write_dataset(root)
+    return root
+
+
+def build_tokenizer(out_dir: Path = MODEL_DIR, vocab_size: int = 1024) -> None:
+    """Train the embedded byte-level BPE tokenizer on the synthetic corpus (deterministic); it is shipped in
+    ``personalm/models/tiny-llama``: ``python -m personalm.data.synthetic`` rebuilds it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    markers = ["<|domain|>\nr/", "\n<|user|>\n", "\n<|assistant|>\n", "Reddit"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus()) + markers * 100, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+    fast.save_pretrained(str(out_dir))
+
+
+if __name__ == "__main__":  # python -m personalm.data.synthetic  (rebuilds the shipped tokenizer files)
+    build_tokenizer()

@@ -1,0 +1,3 @@
+from personalm.study.pipeline import main
+
+main()

@@ -1,0 +1,152 @@
+"""The whole ComPO study in one command: SFT and DPO with and without context, evaluation, judging, report.
+
+    python -m personalm.study --config configs/study/demo.yaml      (embedded default, CPU, minutes)
+    python -m personalm.study --config configs/study/paper.yaml     (real ComPreD and Llama-2-7B, GPUs)
+
+Stages (each an ordinary ``python -m personalm ...`` run, in ``<root>/<stage>/``; resumable, see ``runner``):
+
+    sft_context, sft_no_context           SFT with r/<community> in the prompt / with "Reddit"
+    dpo_context, dpo_no_context           DPO from each SFT export, same conditioning
+    test_dpo_context, test_dpo_no_context per-community preference accuracy on test_pref
+    reward, test_reward                   Bradley-Terry reward model (with context) and its accuracy
+    predict_context, predict_no_context,  one generation per test post: context model with the true
+    predict_random                        community, no-context model, context model with a wrong one
+    judge_context_vs_no_context,          win rates per community with bootstrap CIs
+    judge_context_vs_random
+    report                                report.md, report.json and win_rates.png in <root>/report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from personalm.paths import is_embedded
+from personalm.study import report as reporting
+from personalm.study.runner import Stage, output, run_all
+from personalm.study.steps import REPO, Steps  # noqa: F401  (REPO: where relative configs are found)
+
+
+@dataclass
+class LLMJudgeSettings:
+    """An OpenAI-compatible chat endpoint; the key is read from the environment variable ``api_key_env``."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    max_calls: int = 500
+
+
+@dataclass
+class StudySettings:
+    """What the study runs on. Each CLI step composes ``trainer_config`` (the hardware) and its recipe
+    (``sft_config``, ``dpo_config``, ``reward_config``); extra CLI arguments per step go in ``args`` under
+    ``sft``, ``dpo``, ``reward``, ``test``, ``predict`` or ``all`` (e.g. ``all: [--trainer.max_steps=5]``)."""
+
+    root: str = "lightning_logs/study"
+    dataset: str = "embedded:compred"
+    subsets: list[str] = field(default_factory=lambda: ["finance", "history"])
+    base_model: str = "embedded:tiny-llama"
+    trainer_config: Optional[str] = "configs/trainer/cpu.yaml"
+    sft_config: str = "configs/demo/sft.yaml"
+    dpo_config: str = "configs/demo/dpo.yaml"
+    reward_config: str = "configs/demo/reward.yaml"
+    args: dict[str, list[str]] = field(default_factory=dict)
+    judge: Literal["reward", "llm"] = "reward"
+    llm: Optional[LLMJudgeSettings] = None
+    judge_max_length: int = 1024
+    seed: int = 0
+    n_boot: int = 1000
+    progress: bool = True
+    isolate: bool = False  # each CLI step in its own `python -m personalm` process: needed for DDP and
+    # other multi-process strategies, which relaunch the command they were started from
+
+
+# the stages' names, used to wire them and to find their outputs
+SFT, DPO = {"context": "sft_context", "no_context": "sft_no_context"}, {"context": "dpo_context",
+                                                                          "no_context": "dpo_no_context"}
+TESTS = {"context": "test_dpo_context", "no_context": "test_dpo_no_context", "reward": "test_reward"}
+REWARD, REPORT = "reward", "report"
+COMPARISONS = {"judge_context_vs_no_context": ("predict_context", "predict_no_context", "context", "no context"),
+               "judge_context_vs_random": ("predict_context", "predict_random", "context", "random community")}
+
+
+def stages(s: StudySettings) -> list[Stage]:
+    st = Steps(s)
+    judges = [st.judge(name, a, b, name_a, name_b, REWARD) for name, (a, b, name_a, name_b) in COMPARISONS.items()]
+    return [
+        st.fit(SFT["context"], "sft", context=True),
+        st.fit(SFT["no_context"], "sft", context=False),
+        st.fit(DPO["context"], "dpo", context=True, start=SFT["context"]),
+        st.fit(DPO["no_context"], "dpo", context=False, start=SFT["no_context"]),
+        st.test(TESTS["context"], "dpo", DPO["context"], context=True),
+        st.test(TESTS["no_context"], "dpo", DPO["no_context"], context=False),
+        st.fit(REWARD, "reward", context=True, start=SFT["context"]),
+        st.test(TESTS["reward"], "reward", REWARD, context=True),
+        st.predict("predict_context", DPO["context"], "true"),
+        st.predict("predict_no_context", DPO["no_context"], "none"),
+        st.predict("predict_random", DPO["context"], "random"),
+        *judges,
+        Stage(REPORT, [*TESTS.values(), *COMPARISONS], lambda folder, needs: write_report(folder, needs, s)),
+    ]
+
+
+def write_report(folder: Path, needs: dict, s: StudySettings) -> dict:
+    load = lambda name, key: json.loads(Path(output(needs[name], key)).read_text())  # noqa: E731
+    data_note = ("synthetic demo data and a tiny model: these figures show the pipeline works, they are NOT "
+                 "results about Reddit" if is_embedded(s.dataset) else f"dataset {s.dataset}")
+    judge_note = ("a reward model trained with the community in its input (Bradley-Terry), scoring both "
+                  "responses in the prompt of the true community" if s.judge == "reward"
+                  else f"LLM judge {s.llm.model if s.llm else ''} (A/B order randomised)")
+    report = reporting.StudyReport(
+        subsets=s.subsets, base_model=s.base_model, data_note=data_note, judge_note=judge_note, n_boot=s.n_boot,
+        seed=s.seed, accuracy=reporting.accuracy_rows({k: load(name, "metrics") for k, name in TESTS.items()}),
+        comparisons=[load(name, "result") for name in COMPARISONS])
+    return reporting.write(folder, report)
+
+
+def summary(root: Path, done: dict, seconds: float) -> str:
+    """What the study prints at the end: the accuracy table, the win rates, and where everything is."""
+    report = reporting.StudyReport.load(root / REPORT / done[REPORT]["outputs"]["data"])
+    md = root / REPORT / done[REPORT]["outputs"]["report"]
+    lines = [f"\n[study] finished in {seconds:.0f} s. Report: {md}\n", reporting.accuracy_markdown(report.accuracy)]
+    lines += ["\n" + reporting.win_rate_line(c) for c in report.comparisons]
+    lines.append(f"""
+  TensorBoard logs : tensorboard --logdir {root}
+  stages           : {root}/<stage>/ (logs, checkpoints and hf_model under lightning_logs/version_0)
+  DPO model        : {root / DPO['context'] / done[DPO['context']]['outputs']['model']}
+  predictions      : {root}/predict_{{context,no_context,random}}/predictions.jsonl (one line per test post)
+  report, chart    : {md}, {root / REPORT / done[REPORT]['outputs']['chart']}
+""")
+    return "\n".join(lines)
+
+
+def parse(argv=None) -> StudySettings:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m personalm.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(StudySettings, fail_untyped=True)
+    cfg = parser.parse_args(argv)
+    cfg = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    return StudySettings(**{name: cfg[name] for name in StudySettings.__dataclass_fields__})
+
+
+def main(argv=None) -> dict:
+    s = parse(argv)
+    if is_embedded(s.dataset) and is_embedded(s.base_model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: never wait on the network
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    root = Path(s.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done = run_all(root, stages(s))
+    print(summary(root, done, time.perf_counter() - start), flush=True)
+    return {name: {**d, "folder": str(root / name)} for name, d in done.items()}

@@ -1,0 +1,155 @@
+"""The study's steps: ordinary ``python -m personalm`` runs (in this process, or each in its own with
+``isolate``), with the study's settings applied, each made into a ``runner.Stage``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+import yaml
+
+from personalm.evaluation import judge as judging
+from personalm.study.runner import Stage, output, written
+
+if TYPE_CHECKING:
+    from personalm.study.pipeline import StudySettings
+
+REPO = Path(__file__).resolve().parent.parent.parent
+LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
+
+
+def config_path(name: str) -> str:
+    """A config path as given, else relative to the repository (so the study runs from any folder)."""
+    for path in (Path(name), REPO / name):
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(f"config {name} not found (looked in {Path.cwd()} and {REPO})")
+
+
+def _merge(into: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def composed_config(configs: list[str], args: list[str]) -> dict:
+    """The configuration a CLI run composes from its config files and ``--key=value`` arguments, in order
+    (as jsonargparse merges them; comments and formatting do not count): what a stage's result depends on."""
+    merged: dict = {}
+    for arg in [f"--config={c}" for c in configs] + list(args):
+        key, _, value = arg[2:].partition("=")
+        if key == "config":
+            _merge(merged, yaml.safe_load(Path(config_path(value)).read_text()) or {})
+            continue
+        node = merged
+        *parents, last = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = yaml.safe_load(value) if value else value
+    return merged
+
+
+class Steps:
+    """The CLI runs of the study, with its settings applied."""
+
+    def __init__(self, s: "StudySettings"):
+        self.s = s
+
+    def configs(self, recipe: str) -> list[str]:
+        """The composed config files of a step: the hardware's trainer block, then the recipe (sft, dpo, reward)."""
+        path = {"sft": self.s.sft_config, "dpo": self.s.dpo_config, "reward": self.s.reward_config}[recipe]
+        return [config_path(c) for c in ([self.s.trainer_config] if self.s.trainer_config else []) + [path]]
+
+    def args(self, kind: str) -> list[str]:
+        return self.s.args.get("all", []) + self.s.args.get(kind, [])
+
+    def settings(self, recipe: str, kind: str) -> dict:
+        """What a stage's result depends on besides the stages it needs (a change redoes the stage): the
+        composed configuration of its CLI run, the data and, for SFT, the base model."""
+        s = self.s
+        return {"config": composed_config(self.configs(recipe), self.args(kind)), "dataset": s.dataset,
+                "subsets": s.subsets, "base_model": s.base_model if recipe == "sft" else None}
+
+    def judge_settings(self) -> dict:
+        s = self.s
+        return {"judge": s.judge, "llm": asdict(s.llm) if s.llm else None, "seed": s.seed, "n_boot": s.n_boot,
+                "max_length": s.judge_max_length}
+
+    def cli(self, subcommand: str, recipe: str, kind: str, folder: Path, model: str, *extra: str):
+        """``python -m personalm <subcommand>`` with the recipe's configs and the arguments for ``kind``."""
+        from personalm.cli import main
+
+        s = self.s
+        args = [subcommand, *(a for c in self.configs(recipe) for a in ("--config", c)),
+                f"--trainer.default_root_dir={folder}", f"--trainer.enable_progress_bar={str(s.progress).lower()}",
+                f"--model.init_args.model_name_or_path={model}", f"--data.dataset={s.dataset}",
+                f"--data.subset={json.dumps(s.subsets)}", *extra, *self.args(kind)]
+        print(f"$ python -m personalm {shlex.join(args)}", flush=True)
+        if s.isolate:
+            subprocess.run([sys.executable, "-m", "personalm", *args], check=True)
+            return
+        with warnings.catch_warnings():  # the study's own command line is not meant for LightningCLI
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+            main(args)
+
+    def fit(self, name: str, kind: str, context: bool, start: Optional[str] = None) -> Stage:
+        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward."""
+        def run(folder: Path, needs: dict) -> dict:
+            model = output(needs[start], "model") if start else self.s.base_model
+            self.cli("fit", kind, kind, folder, model, f"--data.contextualize={str(context).lower()}")
+            ckpts = sorted((folder / LOGS / "checkpoints").glob("*.ckpt"))
+            return {"model": written(folder, f"{LOGS}/hf_model"), "logs": LOGS,
+                    **({"checkpoint": os.path.relpath(ckpts[-1], folder)} if ckpts else {})}
+        return Stage(name, [start] if start else [], run, self.settings(kind, kind))
+
+    def test(self, name: str, recipe: str, fitted: str, context: bool) -> Stage:
+        def run(folder: Path, needs: dict) -> dict:
+            self.cli("test", recipe, "test", folder, output(needs[fitted], "model"),
+                     f"--data.contextualize={str(context).lower()}")
+            return {"metrics": written(folder, f"{LOGS}/test_metrics.json")}
+        return Stage(name, [fitted], run, self.settings(recipe, "test"))
+
+    def predict(self, name: str, fitted: str, conditioning: Literal["true", "none", "random"]) -> Stage:
+        flags = {"true": ["--data.contextualize=true"], "none": ["--data.contextualize=false"],
+                 "random": ["--data.contextualize=true", "--data.random_community=true"]}[conditioning]
+
+        def run(folder: Path, needs: dict) -> dict:
+            self.cli("predict", "dpo", "predict", folder, output(needs[fitted], "model"), *flags,
+                     f"--predictions.output_path={folder / 'predictions.jsonl'}")
+            return {"predictions": written(folder, "predictions.jsonl")}
+        return Stage(name, [fitted], run, self.settings("dpo", "predict"))
+
+    def make_judge(self, reward_model: str) -> judging.Judge:
+        if self.s.judge == "llm":
+            from personalm.evaluation.llm_judge import LLMJudge
+
+            if self.s.llm is None:
+                raise ValueError("judge: llm needs an `llm:` section (base_url, model, api_key_env)")
+            return LLMJudge(self.s.llm.base_url, self.s.llm.model, self.s.llm.api_key_env,
+                            max_calls=self.s.llm.max_calls, seed=self.s.seed)
+        from personalm.evaluation.reward_judge import RewardJudge
+
+        return RewardJudge(reward_model, max_length=self.s.judge_max_length)
+
+    def judge(self, name: str, a: str, b: str, name_a: str, name_b: str, reward: str) -> Stage:
+        def run(folder: Path, needs: dict) -> dict:
+            judge = self.make_judge(output(needs[reward], "model"))
+            result = judging.compare(output(needs[a], "predictions"), output(needs[b], "predictions"), judge,
+                                     name_a=name_a, name_b=name_b, seed=self.s.seed, n_boot=self.s.n_boot)
+            result["judge"] = {"kind": self.s.judge, **({"stats": judge.stats} if hasattr(judge, "stats") else {})}
+            judging.write_json(result, folder / "judge.json")
+            print(judging.format_table(result), flush=True)
+            return {"result": "judge.json"}
+        return Stage(name, [a, b, reward], run, self.judge_settings())

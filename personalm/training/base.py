@@ -1,0 +1,237 @@
+"""What every personalm module shares: loading (fp32 trainable weights, precision that trains, FSDP2), the
+optimizer and schedule, the callbacks (tokens/s, NaN guard) and the Hugging Face export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from personalm.models import LoraSettings, add_lora, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
+from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
+from personalm.training.generation import GenerationSettings
+from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
+
+HALF = ("bfloat16", "float16")
+
+# Checkpoints written before hyperparameters were plain data hold these settings as objects, pickled under the
+# paths they had then; torch.load(weights_only=True) (Lightning, LightningCLI) may rebuild them.
+torch.serialization.add_safe_globals([
+    GenerationSettings, LoraSettings, (GenerationSettings, "personalm.lm_module.GenerationSettings"),
+    (LoraSettings, "personalm.models.LoraSettings")])
+
+
+class CausalLMModule(L.LightningModule):
+    """Base of SFTModule, DPOModule and RewardModule (use those).
+
+    Args:
+        model_name_or_path: any causal LM: Hub id, local folder (e.g. an SFT export), or
+            ``embedded:tiny-llama`` (the tiny offline default).
+        lr: AdamW learning rate (paper: SFT 1e-5, DPO 2e-7).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: linear warmup as a fraction of all optimizer steps (paper SFT: 0.03)...
+        warmup_steps: ...or as a number of steps (paper DPO: 1000); takes precedence when set.
+        dtype: dtype of the weights training starts from (``bfloat16`` halves a frozen base's memory;
+            None: as saved). Trainable weights are always held in fp32 (full fine-tuning upcasts them and
+            says what that costs); ``trainer.precision: bf16-mixed`` then computes in bf16.
+        eval_dtype: dtype for ``validate``/``test``/``predict`` (None: as saved, so a careful fp32 export
+            is not rounded on load).
+        export_dtype: dtype of the exported weights (default fp32: keeps every update; ``bfloat16`` halves
+            the files but rounds small updates away; null: as held).
+        lora: LoRA settings (peft); None trains all weights.
+        gradient_checkpointing: trade compute for memory on large models.
+        export_dir: where ``fit`` saves the trained model in Hugging Face format
+            (default ``<log_dir>/hf_model``; ``""`` disables the export).
+        generation: decoding settings for ``predict``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded:tiny-llama",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        warmup_steps: Optional[int] = None,
+        dtype: Optional[str] = None,
+        eval_dtype: Optional[str] = None,
+        export_dtype: Optional[str] = "float32",
+        lora: Optional[LoraSettings] = None,
+        gradient_checkpointing: bool = False,
+        export_dir: Optional[str] = None,
+        generation: GenerationSettings = GenerationSettings(),
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        for key in ("lora", "generation"):  # plain data in checkpoints and hparams.yaml (a config, or a
+            value = self.hparams[key]  # subclass's **kwargs, may also give a dict or Namespace)
+            if value is not None and not isinstance(value, dict):
+                self.hparams[key] = asdict(value) if is_dataclass(value) else dict(vars(value))
+        self.model = None
+        self.tokenizer = None
+
+    @property
+    def lora_settings(self) -> Optional[LoraSettings]:
+        return None if self.hparams.lora is None else LoraSettings(**self.hparams.lora)
+
+    @property
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(**(self.hparams.generation or {}))
+
+    def _fn(self) -> Optional[str]:
+        """``fit``, ``validate``, ``test``, ``predict``, or None outside a Trainer."""
+        return self._trainer.state.fn if self._trainer is not None else None
+
+    @property
+    def training_run(self) -> bool:
+        return self._fn() in (None, "fit")
+
+    @property
+    def load_dtype(self) -> Optional[str]:
+        """The weights' dtype on load: ``dtype`` to train, ``eval_dtype`` otherwise (None: as saved)."""
+        return self.hparams.dtype if self.training_run else self.hparams.eval_dtype
+
+    @property
+    def load_lora(self) -> Optional[LoraSettings]:
+        """New LoRA adapters only to train: an export evaluated or generating is used as it was saved (a
+        LoRA run's checkpoint gets its adapters back in ``on_load_checkpoint``)."""
+        return self.lora_settings if self.training_run else None
+
+    model_kind = "causal"  # what add_lora wraps: a causal LM (the reward model: "reward")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``validate``/``test``/``predict --ckpt_path`` of a LoRA run: the checkpoint holds adapter weights the
+        model was loaded without (outside ``fit`` no adapters are added); add them before the weights load."""
+        lora = self.lora_settings
+        if lora is None or hasattr(self.model, "peft_config") or not any(
+                "lora_" in k for k in checkpoint.get("state_dict", {})):
+            return
+        if is_sharded(self.model):
+            raise ValueError("a LoRA run's checkpoint outside fit under FSDP2: export it first "
+                             "(python -m personalm export --ckpt_path ...) and evaluate the export")
+        self.model = add_lora(self.model, lora, self.model_kind).to(self.device).requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            self.check_training_precision(str(self.trainer.precision))
+
+    def check_training_precision(self, precision: str) -> None:
+        """Refuse, before any weights load, precision settings under which training would not train (the
+        CLI calls this before preparing data; ``setup`` again for other callers)."""
+        hp = self.hparams
+        if precision in ("bf16-true", "16-true"):
+            raise ValueError(f"trainer.precision {precision} casts the trainable weights to 16 bits, where AdamW's "
+                             f"updates (about lr={hp.lr:g}) round away. Use trainer.precision: bf16-mixed (fp32 "
+                             "trainable weights, bf16 compute), as configs/paper/*.yaml do.")
+        if hp.dtype in HALF and "mixed" not in precision:
+            raise ValueError(f"dtype {hp.dtype} with trainer.precision {precision}: the trainable weights are held "
+                             f"in fp32 beside {hp.dtype} frozen ones, which needs autocast. Use trainer.precision: "
+                             "bf16-mixed (configs/paper/*.yaml), or dtype: float32.")
+
+    def _check_loaded_precision(self) -> None:
+        """A checkpoint saved in 16 bits and loaded as saved (``dtype: null``) has the same need as ``dtype:
+        bfloat16``: frozen 16-bit weights beside fp32 trainable ones compute only under autocast."""
+        if self._trainer is None or "mixed" in str(self.trainer.precision):
+            return
+        frozen = {p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()}
+        half = frozen & {torch.bfloat16, torch.float16}
+        if half:
+            raise ValueError(f"{self.hparams.model_name_or_path} loaded with frozen {sorted(map(str, half))} weights "
+                             f"(dtype: null keeps the checkpoint's dtype) and trainer.precision "
+                             f"{self.trainer.precision}: fp32 trainable weights beside them need autocast. Use "
+                             "trainer.precision: bf16-mixed, or dtype: float32.")
+
+    @property
+    def bf16_compute(self) -> bool:
+        return self._trainer is not None and str(self.trainer.precision) == "bf16-mixed"
+
+    def configure_model(self) -> None:
+        """Load here, not in __init__, so sharded strategies (FSDP, DeepSpeed) can wrap it; under FSDP2 shard
+        it here (one unit per decoder layer)."""
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        self.model = self.load_model()
+        if self.training_run:
+            self._hold_trainable_in_fp32(self.model, say=True)
+            self._check_loaded_precision()
+        else:
+            self.model.requires_grad_(False)
+        self.prepare_model()
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            shard(self.model, mesh, self.bf16_compute)
+
+    def prepare_model(self) -> None:
+        """What a subclass does to the loaded model before it is sharded (DPO: dropout off)."""
+
+    def load_model(self):
+        hp = self.hparams
+        return load_causal_lm(hp.model_name_or_path, self.load_dtype, self.load_lora,
+                              hp.gradient_checkpointing and self.training_run)
+
+    def _hold_trainable_in_fp32(self, model, say: bool = False) -> None:
+        upcast = upcast_trainable(model)
+        if upcast and say:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            rank_zero_info(
+                f"[personalm] {upcast / 1e6:.1f}M trainable weights loaded as {self.hparams.dtype} are held in "
+                f"float32 so that small updates are not rounded away: +{upcast * 2 / 2**30:.2f} GiB for the "
+                f"weights and +{upcast * 2 / 2**30:.2f} GiB for their fp32 gradients, and AdamW keeps two fp32 "
+                f"moments ({trainable * 8 / 2**30:.2f} GiB); the frozen weights (and a DPO reference) stay in "
+                "their dtype")
+
+    # -- optimization -----------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self):
+        return [TokensPerSecond(), NonFiniteGuard()]
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        """Save the trained model with ``save_pretrained`` so DPO (or plain transformers) can load it: under
+        every strategy, the full weights gathered to the first process (FSDP2, FSDP1, DeepSpeed) or taken
+        as they are (one device, DDP)."""
+        if self.hparams.export_dir == "":
+            return
+        out = Path(self.trainer.strategy.broadcast(
+            str(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf_model")))
+        state = full_state_dict(self)  # a collective: every process takes part
+        if self.trainer.is_global_zero:
+            self.export(out, state)
+            rank_zero_info(f"[personalm] exported the trained model (Hugging Face format) to {out}")
+        self.export_path = str(out)
+        self.trainer.strategy.barrier()
+
+    def export(self, out: Path, state: Optional[dict] = None) -> None:
+        """Write the Hugging Face export of ``self.model`` (merging LoRA in place), or, with ``state`` (full
+        weights gathered from a sharded run), of a fresh copy of the model loaded with them."""
+        lora = self.lora_settings
+        if state is None:
+            model = self.model.cpu()  # merging upcasts layers to fp32: on the GPU that could run out of memory
+        else:
+            model = self.load_model()
+            self._hold_trainable_in_fp32(model)
+            model.load_state_dict(state)
+        merged = export_hf(model, self.tokenizer, str(out), merge_lora=lora is None or lora.merge_on_export,
+                           dtype=self.hparams.export_dtype)
+        if state is None:
+            self.model = merged
+        self.on_export(Path(out))
+
+    def on_export(self, folder: Path) -> None:
+        """Write anything else that belongs with the exported weights (first process, before the barrier)."""

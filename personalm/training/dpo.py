@@ -1,0 +1,181 @@
+"""DPO against a frozen reference, with per-community preference metrics and conditioning sensitivity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from torch import nn
+
+from personalm.data.compred import SPLIT_OF_PHASE
+from personalm.evaluation.metrics import add_phase_metrics, log_phase_metrics, write_test_metrics
+from personalm.models import resolve
+from personalm.paths import write_text
+from personalm.training.base import CausalLMModule
+from personalm.training.dpo_loss import PairLogps, PairLosses, check_dpo_args, pair_losses
+from personalm.training.generation import Generates
+from personalm.training.logprobs import model_logprobs
+from personalm.training.reference import TRAINED_AGAINST, Reference, disable_dropout, rng_untouched
+from personalm.training.reference_cache import PrecomputedReference
+from personalm.training.sharding import initialize, is_sharded
+
+VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
+
+
+class DPOModule(Generates, CausalLMModule):
+    """Direct Preference Optimization on ``ComPreDDataModule(rows="preference")`` batches.
+
+    Args:
+        beta: strength of the KL anchor to the reference (paper: 0.1).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge``; see ``personalm.training.dpo_loss``.
+        label_smoothing: conservative DPO's assumed label-noise rate e in [0, 0.5) (sigmoid only).
+        sft_weight: weight of an added NLL term (per-token mean) on the chosen response, as in RPO
+            (Pang et al. 2024); 0: pure DPO. It keeps the chosen responses likely, so generations stay
+            fluent. ``train/loss`` stays the preference loss alone (comparable across runs); the
+            minimised total is logged as ``train/objective``.
+        reference: ``copy``: a frozen copy of the starting weights (the paper's). ``adapters_off``: with
+            LoRA, the policy with its adapters disabled: no second model in memory; only correct when
+            the SFT weights were merged into the base (an adapter-only SFT export is refused).
+        reference_name_or_path: reference weights if not the policy's starting point (must share the
+            tokenizer and vocabulary).
+        precompute_reference: score every pair with the reference once before training, cache the
+            log-probs on disk (keyed by data and reference fingerprints) and free the reference.
+        reference_cache: folder for those caches (default ``$PERSONALM_CACHE/reference_logps``).
+        disable_dropout: dropout off in policy and reference (recommended for DPO).
+        Other arguments: see ``CausalLMModule`` (paper's DPO: lr 2e-7, cosine, 1000 warmup steps).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        reference: Literal["copy", "adapters_off"] = "copy",
+        reference_name_or_path: Optional[str] = None,
+        precompute_reference: bool = False,
+        reference_cache: Optional[str] = None,
+        disable_dropout: bool = True,
+        **kwargs,
+    ):
+        check_dpo_args(beta, loss_type, label_smoothing)  # bad settings fail before anything loads
+        if reference == "adapters_off" and kwargs.get("lora") is None:
+            raise ValueError("reference: adapters_off needs LoRA (the policy's adapters are what it turns off)")
+        if reference == "adapters_off" and reference_name_or_path:
+            raise ValueError("reference: adapters_off uses the policy's own base weights; reference_name_or_path "
+                             "needs reference: copy")
+        super().__init__(**kwargs)
+        self.reference = Reference(self)
+        self.precomputed = PrecomputedReference(reference_cache)
+        self.metrics = nn.ModuleDict()
+
+    def configure_model(self) -> None:
+        hp = self.hparams
+        if self.model is None and hp.reference == "adapters_off" and self.training_run and \
+                (Path(resolve(hp.model_name_or_path)) / "adapter_config.json").exists():
+            raise ValueError(
+                f"reference: adapters_off with an adapter-only SFT export ({hp.model_name_or_path}) would use the "
+                "base model before SFT as reference. Export the SFT model merged (lora.merge_on_export: true) "
+                "or use reference: copy.")
+        super().configure_model()
+        if self._fn() != "predict":  # generating needs no reference
+            self.reference.check_tokenizer(self.tokenizer)
+
+    def prepare_model(self) -> None:
+        if self.hparams.disable_dropout:
+            disable_dropout(self.model)
+        if self.hparams.precompute_reference:
+            self.reference.note_policy(self.model)
+
+    def pair_losses(self, batch: dict, phase: str, variant: Optional[str] = None) -> PairLosses:
+        """Preference losses, rewards and policy log-probs of one batch of pairs (chosen rows, then rejected),
+        under the true community or a variant's (``none``, ``random``)."""
+        hp = self.hparams
+        seqs = batch if variant is None else batch[variant]
+        n = len(batch["community"])
+        policy = PairLogps.from_sequences(model_logprobs(self.model, seqs), n)
+        ref = self.precomputed.lookup(SPLIT_OF_PHASE[phase], variant or "true", batch["index"], self.device)
+        if ref is None:
+            ref = PairLogps.from_sequences(self.reference.logprobs(seqs), n)
+        return pair_losses(policy, ref, hp.beta, hp.loss_type, hp.label_smoothing)
+
+    # -- Lightning hooks ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and hasattr(dm, "splits"):
+            add_phase_metrics(self.metrics, dm.splits, VARIANTS)
+
+    def _precompute(self, phases) -> None:
+        """Score each phase's split with the reference once (or read its cache), then free the reference."""
+        if not self.hparams.precompute_reference:
+            return
+        if self.reference.adapters_off and is_sharded(self.model):
+            initialize(self.model)  # before a forward that leaves the adapters out
+        splits = getattr(self.trainer.datamodule, "splits", {})
+        with rng_untouched(self.device):  # the scoring DataLoader draws a seed from the global RNG
+            for split in (SPLIT_OF_PHASE[p] for p in phases if SPLIT_OF_PHASE[p] in splits):
+                variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in splits[split].column_names]
+                if not self.reference.adapters_off:
+                    _ = self.reference.model  # loaded on first use, its fingerprint taken before any sharding
+                self.precomputed.ensure(self, split, variants, self.reference.fingerprint)
+        if self.reference.loaded:
+            self.reference.free()
+
+    def on_fit_start(self) -> None:
+        self._precompute(["train", "val"])
+
+    def on_validation_start(self) -> None:
+        self._precompute(["val"])
+
+    def on_test_start(self) -> None:
+        self._precompute(["test"])
+
+    def _step(self, batch: dict, phase: str) -> PairLosses:
+        out = self.pair_losses(batch, phase)
+        if f"{phase}_true" in self.metrics:
+            self.metrics[f"{phase}_true"].update(batch["community"], *out.for_metrics)
+        for v in VARIANTS:  # evaluation only: the same pairs with no community / a wrong one
+            if phase != "train" and v in batch and f"{phase}_{v}" in self.metrics:
+                self.metrics[f"{phase}_{v}"].update(batch["community"], *self.pair_losses(batch, phase, v).for_metrics)
+        return out
+
+    def training_step(self, batch, batch_idx):
+        out = self._step(batch, "train")
+        loss, n = out.losses.mean(), len(out.losses)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)  # the preference loss (ln 2 at the start)
+        if self.hparams.sft_weight:  # RPO-style: + weight * NLL (per token) of the chosen response
+            nll = -out.chosen_mean_logps.mean()
+            self.log_dict({"train/nll_chosen": nll, "train/objective": loss + self.hparams.sft_weight * nll},
+                          batch_size=n)
+            loss = loss + self.hparams.sft_weight * nll
+        chosen_r, rejected_r = out.chosen_rewards, out.rejected_rewards
+        self.log_dict({"train/rewards/chosen": chosen_r.mean(), "train/rewards/rejected": rejected_r.mean(),
+                       "train/rewards/margins": (chosen_r - rejected_r).mean(),
+                       "train/rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+                       "train/logps/chosen": out.chosen_logps.mean(),
+                       "train/logps/rejected": out.rejected_logps.mean()},
+                      batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        log_phase_metrics(self, "train", skip_overall=True)  # overall train figures are logged every step
+
+    def on_validation_epoch_end(self) -> None:
+        log_phase_metrics(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_phase_metrics(self, "test"))
+
+    def on_export(self, folder: Path) -> None:
+        """Record next to the weights which reference they were trained against, so ``validate``/``test``
+        of the export measure rewards against that reference."""
+        write_text(folder / TRAINED_AGAINST, json.dumps(self.reference.record(), indent=2))

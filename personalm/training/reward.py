@@ -1,0 +1,83 @@
+"""A reward model (causal LM backbone + scalar head) trained with the Bradley-Terry loss (the judge that
+uses it is ``personalm.evaluation.reward_judge.RewardJudge``).
+
+Bradley-Terry: P(chosen preferred) = sigmoid(r_chosen - r_rejected), so the loss of a pair is
+``-log sigmoid(r_chosen - r_rejected)`` (ln 2 when both rewards are equal). The community is in the
+reward model's input through the same prompt template as SFT and DPO, so one model can hold every
+community's taste.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personalm.evaluation.metrics import add_phase_metrics, log_phase_metrics, write_test_metrics
+from personalm.models import load_reward_model
+from personalm.training.base import CausalLMModule
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(r_chosen - r_rejected)``, computed in fp32 (``logsigmoid`` is stable)."""
+    return -F.logsigmoid(chosen.float() - rejected.float())
+
+
+class RewardModule(CausalLMModule):
+    """Bradley-Terry reward model on ``ComPreDDataModule(rows="preference")`` batches.
+
+    ``model_name_or_path`` is a causal LM (its head is replaced by a new scalar head; starting from
+    the SFT export is usual) or a saved reward model. Logs ``loss`` and ``rewards/accuracies`` (pair
+    accuracy) overall, per community, macro and worst; ``test`` also writes ``test_metrics.json``.
+    Other arguments: see ``CausalLMModule``.
+    """
+
+    model_kind = "reward"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.metrics = nn.ModuleDict()
+
+    def load_model(self):
+        hp = self.hparams
+        return load_reward_model(hp.model_name_or_path, self.load_dtype, self.load_lora,
+                                 hp.gradient_checkpointing and self.training_run,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+
+    def rewards(self, seqs: dict) -> torch.Tensor:
+        """One scalar per sequence (the head reads the last non-padding token)."""
+        return self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, 0].float()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and hasattr(dm, "splits"):
+            add_phase_metrics(self.metrics, dm.splits, with_logps=False)
+
+    def _step(self, batch: dict, phase: str) -> torch.Tensor:
+        r = self.rewards(batch)
+        n = len(batch["community"])
+        losses = bradley_terry_loss(r[:n], r[n:])
+        if f"{phase}_true" in self.metrics:
+            self.metrics[f"{phase}_true"].update(batch["community"], losses, r[:n].detach(), r[n:].detach())
+        return losses
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, "train").mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["community"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        log_phase_metrics(self, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        log_phase_metrics(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_phase_metrics(self, "test"))

@@ -1,0 +1,146 @@
+"""Sharded training: FSDP2 over Lightning's device mesh, and the full weights gathered from any strategy.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) is applied in ``configure_model`` under ``FSDP2Strategy``
+(Lightning's ``ModelParallelStrategy`` with every process in the data-parallel dimension): one FSDP unit
+per decoder layer plus the root, parameters kept in their own dtype (fp32 where trained), gathered in bf16
+for bf16-mixed and gradients reduced in fp32. A frozen DPO reference is sharded the same way, so a 7B
+reference costs each of N GPUs 1/N of its weights.
+
+``full_state_dict`` gathers the trained weights to the first process (full tensors on the CPU) under FSDP2,
+FSDP1 and DeepSpeed alike, so ``fit`` writes the same Hugging Face export under every strategy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` for fully sharded data parallel: every process of every node in the
+    data-parallel dimension (the parent's default puts only the nodes there and the GPUs of a node in a
+    tensor-parallel dimension, which personalm does not use: each process would then read the same
+    batches and train its own replica)."""
+
+    def __init__(self, data_parallel_size: Union[str, int] = "auto", tensor_parallel_size: Union[str, int] = 1,
+                 save_distributed_checkpoint: bool = True, **kwargs):
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def data_parallel_mesh(module) -> Optional["torch.distributed.device_mesh.DeviceMesh"]:
+    """The mesh to shard over when the trainer's strategy is FSDP2 (a ``ModelParallelStrategy``), else None."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None:
+        return None
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("personalm shards with FSDP2 only (data parallel); set tensor_parallel_size: 1 "
+                         "(personalm.training.sharding.FSDP2Strategy does)")
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face model (peft-wrapped or not): one FSDP unit each.
+
+    Found by the class names the model declares unsplittable (``_no_split_modules``: ``LlamaDecoderLayer``,
+    ``MistralDecoderLayer``, ...), so any architecture transformers knows is covered.
+    """
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"no decoder layers found to shard in {type(model).__name__} (looked for {sorted(names)})")
+    return layers
+
+
+def shard(model: nn.Module, mesh, bf16_compute: bool) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root, in place. Parameters stay in their dtype (the
+    trained ones fp32); with ``bf16_compute`` they are gathered in bf16 and gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def initialize(model: nn.Module) -> None:
+    """Run FSDP2's lazy initialisation now, with every parameter in play.
+
+    FSDP2 initialises at the root's first forward. When that forward leaves some parameters out (a DPO
+    reference scored with the LoRA adapters turned off, before any training step), torch 2.13 then
+    refuses the adapters' bf16 gradients ("grad_dtype 'Float'") in the first backward.
+    """
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(module) -> Optional[dict[str, torch.Tensor]]:
+    """The trained model's full weights (keys of ``module.model``), on the CPU of the first process, gathered
+    from whatever strategy trained them; ``{}`` on the other processes. None when ``module.model`` already
+    holds full weights in every process (single device, DDP): export it as it is.
+
+    Every process must call this (the gathers are collectives).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = module.trainer.strategy
+    if is_sharded(module.model):  # FSDP2
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if isinstance(strategy, FSDPStrategy):  # FSDP1: a full state dict on rank 0, whatever state_dict_type says
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            state = strategy.model.state_dict()
+        return _strip(state, "model.") if module.trainer.is_global_zero else {}
+    if isinstance(strategy, DeepSpeedStrategy):  # the fp32 master weights live in the optimizer (ZeRO 2 and 3)
+        return _deepspeed_fp32_state_dict(module)
+    return None
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _deepspeed_fp32_state_dict(module) -> dict:
+    """Save a DeepSpeed checkpoint and rebuild the fp32 weights from it (DeepSpeed's zero_to_fp32): under
+    ZeRO the module holds bf16 copies; the fp32 masters are partitioned in the optimizer."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    trainer = module.trainer
+    log_dir = trainer.log_dir  # a collective: every process asks
+    made = tempfile.mkdtemp(prefix="personalm-zero-", dir=log_dir) if trainer.is_global_zero else None
+    folder = Path(trainer.strategy.broadcast(made))
+    trainer.save_checkpoint(folder / "last.ckpt")
+    state = {}
+    if trainer.is_global_zero:
+        converted = convert_zero_checkpoint_to_fp32_state_dict(folder / "last.ckpt", folder / "fp32.pt")
+        state = _strip(converted["state_dict"], "model.")
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return state

@@ -1,0 +1,250 @@
+"""LLMJudge against a real scripted HTTP server on 127.0.0.1 (no mocked client)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import pytest
+
+from personalm.evaluation.judge import Comparison
+from personalm.evaluation.llm_judge import LLMJudge, LLMJudgeError, build_messages, parse_answer
+
+KEY = "sk-test-SECRET-0123456789"
+ENV = "PERSONALM_TEST_JUDGE_KEY"
+Reply = tuple[int, Any, float]  # status, body (dict -> json, str/bytes raw), delay before answering
+
+
+def chat(content: Any) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+
+def always(content: str) -> Callable[[dict], Reply]:
+    return lambda request: (200, chat(content), 0.0)
+
+
+class Scripted(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[dict] = []
+        self.script: deque[Callable[[dict], Reply]] = deque()  # one per request, then `default`
+        self.default: Callable[[dict], Reply] = always("A")
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def reply(self, *replies: Reply | Callable[[dict], Reply]) -> None:
+        for r in replies:
+            self.script.append(r if callable(r) else (lambda request, r=r: r))
+
+    def handle_error(self, request, client_address) -> None:  # client timed out and left: fine
+        pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Scripted
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)}
+        with self.server.lock:
+            self.server.requests.append(request)
+            responder = self.server.script.popleft() if self.server.script else self.server.default
+        status, body, delay = responder(request)
+        time.sleep(delay)
+        data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = Scripted()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=2)
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(ENV, KEY)
+
+
+def items(n: int, community: str = "r/finance") -> list[Comparison]:
+    return [Comparison(f"p{i}", community, f"title {i}", f"body {i}", f"resp a {i}", f"resp b {i}") for i in range(n)]
+
+
+def make_judge(server: Scripted, **kw) -> tuple[LLMJudge, list[float]]:
+    judge = LLMJudge(server.base_url, "judge-model", api_key_env=ENV, **{"timeout_s": 2.0, **kw})
+    delays: list[float] = []
+    judge.sleep = delays.append
+    return judge, delays
+
+
+def test_request(server):
+    judge, _ = make_judge(server)
+    item = Comparison("p0", "r/AskHistorians", "Why Rome?", "It fell.", "Because of X.", "Because of Y.")
+    assert judge.judge([item]) in (["A"], ["B"])
+    (request,) = server.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
+    body = request["body"]
+    assert body["model"] == "judge-model" and body["temperature"] == 0.0 and 0 < body["max_tokens"] <= 16
+    prompt = body["messages"][-1]["content"]
+    assert "Which comment would be upvoted more in r/AskHistorians?" in prompt
+    for text in ("Why Rome?", "It fell.", "Because of X.", "Because of Y.", "Comment A", "Comment B"):
+        assert text in prompt
+    assert "finance" not in prompt
+
+
+def test_build_messages_is_pure_and_ordered():
+    item = items(1, community="history")[0]
+    messages = build_messages(item, "FIRST", "SECOND")
+    assert messages == build_messages(item, "FIRST", "SECOND")
+    user = messages[-1]["content"]
+    assert user.index("Comment A:\nFIRST") < user.index("Comment B:\nSECOND")
+    assert "upvoted more in r/history?" in user
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A", "A"), ("B", "B"), (" B\n", "B"), ("A.", "A"), ('"B"', "B"), ("'A'", "A"), ("**B**", "B"),
+    ("Comment A", "A"), ("comment B.", "B"), ("Answer: B", "B"), ("answer:A", "A"), ('Answer: "A".', "A"),
+    ("", None), ("   ", None), ("A or B", None), ("Both", None), ("I think A but B", None), ("AB", None),
+    ("a", None), ("C", None), ("Neither.", None), ("A, because it is funnier", None), (None, None),
+])
+def test_parse_answer(text, expected):
+    assert parse_answer(text) == expected
+
+
+def test_order_randomised_and_reproducible(server):
+    batch = items(40)
+    judge, _ = make_judge(server, seed=0)
+    first = judge.judge(batch)  # the server always says "A": "B" exactly where the order was swapped
+    assert first.count("B") == judge.stats["swapped"] and 10 <= judge.stats["swapped"] <= 30
+    assert first.count("A") + first.count("B") == 40
+    assert judge.judge(batch) == first
+    assert make_judge(server, seed=0)[0].judge(batch) == first
+    assert make_judge(server, seed=1)[0].judge(batch) != first
+
+
+def test_verdicts_mapped_back(server):
+    def longer(request: dict) -> Reply:
+        prompt = request["body"]["messages"][-1]["content"]
+        a, b = re.search(r"Comment A:\n(.*?)\n\nComment B:\n(.*?)\n\nWhich", prompt, re.S).groups()
+        return 200, chat("A" if len(a) > len(b) else "B"), 0.0
+
+    server.default = longer
+    lengths = [(n, n + (3 if i % 3 else -3)) for i, n in enumerate(5 + (7 * i) % 11 for i in range(20))]
+    batch = [Comparison(f"p{i}", "r/x", "t", "p", "a" * na, "b" * nb) for i, (na, nb) in enumerate(lengths)]
+    judge, _ = make_judge(server)
+    expected = ["A" if len(c.response_a) > len(c.response_b) else "B" for c in batch]
+    assert judge.judge(batch) == expected
+    assert 0 < judge.stats["swapped"] < 20 and set(expected) == {"A", "B"}
+
+
+def test_retry_on_500_then_success(server):
+    server.reply((500, "oops", 0.0))
+    judge, delays = make_judge(server)
+    assert judge.judge(items(1)) != [None]
+    assert delays == [1.0] and judge.stats["calls"] == 2 and judge.stats["retries"] == 1
+    assert judge.stats["failures"] == 0
+
+
+def test_retry_on_429_exponential_backoff(server):
+    server.reply((429, "slow down", 0.0), (429, "", 0.0), (503, "", 0.0))
+    judge, delays = make_judge(server, backoff_s=1.0)
+    assert judge.judge(items(1)) != [None]
+    assert delays == [1.0, 2.0, 4.0] and len(server.requests) == 4
+
+
+def test_retries_exhausted_is_a_failure(server):
+    server.default = lambda request: (502, "", 0.0)
+    judge, delays = make_judge(server, max_retries=2, backoff_s=0.5)
+    assert judge.judge(items(2)) == [None, None]
+    assert delays == [0.5, 1.0] * 2 and judge.stats["failures"] == 2 and judge.stats["calls"] == 6
+
+
+def test_timeout_retried(server):
+    server.reply((200, chat("A"), 0.6))
+    judge, delays = make_judge(server, timeout_s=0.2)
+    assert judge.judge(items(1)) != [None]
+    assert judge.stats["retries"] == 1 and delays == [1.0] and len(server.requests) == 2
+
+
+def test_connection_error_retried():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    judge = LLMJudge(f"http://127.0.0.1:{port}/v1", "m", api_key_env=ENV, max_retries=2, timeout_s=0.5)
+    judge.sleep = lambda s: None
+    assert judge.judge(items(1)) == [None]
+    assert judge.stats["calls"] == 3 and judge.stats["failures"] == 1
+
+
+def test_401_refused_without_key(server):
+    server.reply((401, {"error": f"invalid key {KEY}"}, 0.0))
+    judge, delays = make_judge(server)
+    with pytest.raises(LLMJudgeError, match="refused.*401") as info:
+        judge.judge(items(2))
+    assert KEY not in str(info.value) and KEY not in repr(info.value)
+    assert len(server.requests) == 1 and delays == []
+
+
+def test_budget(server):
+    judge, _ = make_judge(server, max_calls=3)
+    verdicts = judge.judge(items(5))
+    assert len(server.requests) == 3
+    assert None not in verdicts[:3] and verdicts[3:] == [None, None]
+    assert judge.stats["budget_exhausted"] is True and judge.stats["skipped"] == 2
+
+
+def test_budget_counts_retries(server):
+    server.reply((500, "", 0.0), (500, "", 0.0))
+    judge, _ = make_judge(server, max_calls=2)
+    assert judge.judge(items(2)) == [None, None]
+    assert len(server.requests) == 2 and judge.stats["budget_exhausted"] is True
+
+
+def test_garbage_and_malformed_counted(server):
+    server.reply(*[(200, chat(text), 0.0) for text in ("A or B", "Both", "")])
+    server.reply((200, "not json", 0.0), (200, {"choices": []}, 0.0), (200, chat(None), 0.0))
+    judge, _ = make_judge(server)
+    verdicts = judge.judge(items(7))
+    assert verdicts[:6] == [None] * 6 and verdicts[6] in ("A", "B")
+    assert judge.stats["garbage"] == 3 and judge.stats["failures"] == 3
+    assert judge.stats["calls"] == 7 and judge.stats["retries"] == 0  # neither is retried
+
+
+def test_missing_key(server, monkeypatch):
+    monkeypatch.delenv(ENV)
+    judge, _ = make_judge(server)
+    with pytest.raises(LLMJudgeError, match=ENV):
+        judge.judge(items(1))
+    assert server.requests == []
+
+
+def test_key_never_kept(server):
+    judge, _ = make_judge(server)
+    judge.judge(items(3))
+    for text in (repr(judge), str(judge), str(judge.stats), str(vars(judge))):
+        assert KEY not in text

@@ -1,0 +1,46 @@
+"""The reward-model judge: scores in the true community's prompt, order-free, refuses what it cannot judge."""
+
+import pytest
+
+from personalm.evaluation.judge import Comparison
+from personalm.evaluation.reward_judge import RewardJudge
+
+
+def _items(pairs):
+    return [Comparison(f"p{i}", community, "What should I do with a bonus?", "I am 29.", a, b)
+            for i, (community, a, b) in enumerate(pairs)]
+
+
+def test_reward_judge_scores_in_the_true_community_and_is_order_free(reward_run):
+    fit, _ = reward_run
+    judge = RewardJudge(fit.model.export_path, max_length=128)
+    careful = "Build an emergency fund of six months first, then buy a low cost index fund and wait."
+    bold = "YOLO it on GME before earnings, diamond hands, we are going to the moon."
+    items = _items([("r/personalfinance", careful, bold), ("r/wallstreetbets", careful, bold),
+                    ("r/personalfinance", bold, careful), ("r/wallstreetbets", bold, careful),
+                    ("r/personalfinance", careful, careful)])
+    verdicts = judge.judge(items)
+    mirror = {"A": "B", "B": "A", "tie": "tie"}
+    assert verdicts[2] == mirror[verdicts[0]] and verdicts[3] == mirror[verdicts[1]], verdicts  # order-free
+    assert verdicts[4] == "tie"  # the same text twice (scores differ by float noise only)
+    scores = judge.scores(items)
+    assert scores[0][0] != pytest.approx(scores[1][0], abs=1e-3)  # the community in the prompt matters
+
+
+def test_reward_judge_refuses_another_tokenizer(reward_run, tmp_path, tokenizer):
+    fit, _ = reward_run
+    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other.add_tokens(["<|extra|>"])
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        RewardJudge(fit.model.export_path, tokenizer_name_or_path=str(tmp_path))
+
+
+def test_reward_judge_refuses_a_model_without_a_scalar_head(sft_run):
+    sft, _ = sft_run
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(sft.model.export_path)
+    assert getattr(config, "num_labels", 2) != 1  # a causal LM export: a fresh head would be random
+    with pytest.raises(ValueError, match="not a reward model"):
+        RewardJudge(sft.model.export_path)

@@ -1,0 +1,140 @@
+"""What tests share besides fixtures: config paths, CLI argument lists, data writers, log readers, and the
+small module subclasses tests name by class path (``tests.helpers.NaNAtStep``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from personalm.data import synthetic
+from personalm.training.sft import SFTModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CPU = str(CONFIGS / "trainer" / "cpu.yaml")
+FSDP2 = str(CONFIGS / "strategies" / "fsdp2.yaml")
+SMALL_POSTS = {"train_pref": 10, "validation_pref": 3, "test_pref": 4}
+
+
+def demo(recipe: str) -> list[str]:
+    """``--config`` arguments of a demo recipe on the CPU trainer block, as the README composes them."""
+    return ["--config", CPU, "--config", str(CONFIGS / "demo" / f"{recipe}.yaml")]
+
+
+DEMO, DEMO_DPO, DEMO_REWARD = demo("sft"), demo("dpo"), demo("reward")
+
+
+def quiet(root: Path) -> list[str]:
+    return [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false"]
+
+
+def scalars(log_dir: Path) -> dict:
+    """TensorBoard scalars of a run: tag -> values in logging order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def pref_rows(n_posts: int = 3, subset: str = "finance", split: str = "train_pref") -> list[dict]:
+    """Valid preference rows (every schema field), to corrupt in bad-input tests."""
+    return list(synthetic.preference_rows(subset, split, n_posts))
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pref_row(**overrides) -> dict:
+    """One valid preference row (every schema field), with chosen values overridden."""
+    base = {
+        "domain": "personalfinance_train", "post_id": "p1", "title": "A title", "history": "A body",
+        "c_root_id_A": "ca", "c_root_id_B": "cb", "created_at_utc_A": 1.6e9, "created_at_utc_B": 1.6e9 + 60,
+        "score_A": 10, "score_B": 3, "human_ref_A": "alpha answer", "human_ref_B": "beta answer",
+        "labels": 1, "overlap_ratio": 0.0, "seconds_difference": 60.0, "score_ratio": 10 / 3, "len_ratio": 1.0,
+    }
+    base.update(overrides)
+    return base
+
+
+def write_mistral_tokenizer(folder: Path) -> Path:
+    """The Mistral-7B v0.1 SentencePiece tokenizer (32,000 tokens, Llama-2's scheme: BOS, "▁" prefixes, byte
+    fallback), shipped inside the mistral-common wheel (no download), in a folder AutoTokenizer loads.
+
+    ``LlamaTokenizer(vocab_file=...)`` on that file gives a 3-token vocabulary under transformers 5;
+    ``AutoTokenizer`` on a folder with ``tokenizer.model`` and this ``tokenizer_config.json`` loads all of it.
+    """
+    import mistral_common
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 4096}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+class NaNAtStep(SFTModule):
+    """SFT that turns its loss (or one gradient) into NaN at optimizer step ``nan_at_step``, on process
+    ``nan_rank`` (all processes when None)."""
+
+    def __init__(self, nan_at_step: int = 3, nan_in: str = "loss", nan_rank: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_at_step, self.nan_in, self.nan_rank = nan_at_step, nan_in, nan_rank
+
+    def _now(self) -> bool:
+        return (self.training and self.trainer.global_step == self.nan_at_step
+                and self.nan_rank in (None, self.global_rank))
+
+    def model_step(self, batch):
+        loss = super().model_step(batch)
+        return loss * float("nan") if self.nan_in == "loss" and self._now() else loss
+
+    def on_after_backward(self) -> None:
+        if self.nan_in == "gradient" and self._now():
+            next(p for p in self.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+
+
+def fp32_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.float().eval()(input_ids=IDS).logits
+
+
+class ChangedWeights(Callback):
+    """Per trainable tensor: its dtype while training, and the share of its elements that changed; and the
+    trained model's fp32 logits on a fixed input (before the export merges anything)."""
+
+    def on_train_start(self, trainer, module):
+        self.start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, trainer, module):
+        params = dict(module.named_parameters())
+        self.dtypes = {n: params[n].dtype for n in self.start}
+        self.changed = {n: float((params[n].detach() != p).float().mean()) for n, p in self.start.items()}
+        self.logits = fp32_logits(copy.deepcopy(module.model))

@@ -1,0 +1,89 @@
+"""The study command: every stage runs once, a rerun skips finished stages, a broken stage is redone
+(and only what depends on it), a failed stage leaves nothing a rerun would trust."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from personalm import study
+
+pytestmark = pytest.mark.slow  # every test here runs the study end to end (CI runs them too)
+
+TINY = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=2",
+        "--trainer.limit_predict_batches=1", "--model.init_args.generation.max_new_tokens=4"]
+
+
+def run(root: Path, data: Path, dpo_args=(), n_boot: int = 50) -> dict:
+    args = {"all": TINY, "dpo": list(dpo_args)}
+    return study.main(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={root}",
+                       f"--dataset={data}", "--progress=false", f"--n_boot={n_boot}", f"--args={json.dumps(args)}"])
+
+
+def ran(capsys) -> list[str]:
+    out = capsys.readouterr().out
+    return [line.split("=== ")[1].split(" ===")[0] for line in out.splitlines() if line.startswith("[study] === ")]
+
+
+@pytest.fixture(scope="module")
+def first(small_compred, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    return root, run(root, small_compred)
+
+
+def test_study_runs_every_stage_and_writes_the_report(first, small_compred):
+    data = small_compred
+    root, done = first
+    names = [s.name for s in study.stages(study.StudySettings())]
+    assert list(done) == names
+    assert all((root / n / "done.json").is_file() for n in names)
+    report = (root / "report" / "report.md").read_text()
+    for heading in ("Preference accuracy on test_pref", "Context vs no context", "Context vs random community"):
+        assert heading in report
+    assert "r/AskHistorians" in report and "95% CI" in report and str(data) in report
+    assert (root / "report" / "win_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    judged = json.loads((root / "judge_context_vs_random" / "judge.json").read_text())
+    assert judged["a"] == "context" and judged["overall"]["n"] > 0 and len(judged["overall"]["ci95"]) == 2
+
+
+def test_rerun_skips_finished_and_redoes_a_broken_stage_and_what_depends_on_it(first, small_compred, capsys):
+    root, done = first
+    capsys.readouterr()
+    run(root, small_compred)
+    assert ran(capsys) == []  # everything finished: nothing runs again
+    old_judge = (root / "judge_context_vs_random" / "judge.json").read_text()
+    # an interrupted predict: its folder is there, its done.json is not
+    (root / "predict_random" / "done.json").unlink()
+    (root / "predict_random" / "predictions.jsonl").write_text('{"post_id": "half a li')
+    run(root, small_compred)
+    assert ran(capsys) == ["predict_random", "judge_context_vs_random", "report"]
+    assert json.loads((root / "predict_random" / "done.json").read_text())["outputs"]
+    stale = sorted(root.glob("judge_context_vs_random.stale-*"))
+    assert stale and (stale[0] / "judge.json").read_text() == old_judge  # moved aside, not overwritten
+    # a changed setting redoes the stages that depend on it, and only those
+    run(root, small_compred, n_boot=60)
+    assert ran(capsys) == ["judge_context_vs_no_context", "judge_context_vs_random", "report"]
+    assert json.loads((root / "judge_context_vs_random" / "judge.json").read_text())["n_boot"] == 60
+
+
+def test_failed_stage_leaves_no_trusted_output_and_the_rerun_resumes(small_compred, tmp_path, capsys):
+    with pytest.raises(ValueError, match="beta"):
+        run(tmp_path, small_compred, ["--model.init_args.beta=0"])
+    assert (tmp_path / "sft_context" / "done.json").is_file()
+    assert not (tmp_path / "dpo_context" / "done.json").exists()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="beta"):  # still refused; the finished SFT stages are not redone
+        run(tmp_path, small_compred, ["--model.init_args.beta=0"])
+    assert ran(capsys) == ["dpo_context"]
+
+
+def test_isolated_stage_runs_the_cli_in_its_own_process(small_compred, tmp_path):
+    """With ``isolate`` (multi-process strategies relaunch the command they started from) a stage is a
+    ``python -m personalm`` subprocess; its outputs are found where the CLI writes them."""
+    settings = study.parse(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={tmp_path}",
+                            f"--dataset={small_compred}", "--progress=false", "--isolate=true",
+                            f"--args={json.dumps({'all': TINY})}"])
+    stage = study.stages(settings)[0]
+    done = study.run_stage(tmp_path, stage, {})
+    assert done["outputs"]["model"] == "lightning_logs/version_0/hf_model"
+    assert (tmp_path / stage.name / done["outputs"]["model"] / "config.json").is_file()

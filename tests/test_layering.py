@@ -1,0 +1,77 @@
+"""The layers of the package, read from the imports: a lower layer never imports a higher one.
+
+    paths < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
+
+(the study drives the CLI; ``__main__`` routes to the CLI or the export command; ``personalm.sft``,
+``personalm.dpo``, ``personalm.reward`` and ``personalm.lm_module`` stay where configs and checkpoints name them).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "personalm"
+LAYERS = ["personalm.paths", "personalm.models", "personalm.data", "personalm.evaluation", "personalm.training",
+          "personalm.cli", "personalm.study"]
+TOP = len(LAYERS)  # __main__, the package itself and the modules kept where configs name them
+
+
+def layer(module: str) -> int:
+    for i, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return i
+    return TOP
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(source: str, name: str) -> set[str]:
+    """personalm modules ``source`` imports, at the top or inside functions."""
+    found = set()
+    package = name if name.count(".") == 0 else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("personalm")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # a relative import, from the module's own package
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith("personalm"):  # from personalm import study -> personalm.study
+                found |= {f"{base}.{a.name}" if base == "personalm" else base for a in node.names}
+    return found
+
+
+def violations(name: str, source: str) -> list[str]:
+    own = layer(name)
+    return [f"{name} (layer {own}) imports {m} (layer {layer(m)})" for m in sorted(imported(source, name))
+            if layer(m) > own]
+
+
+def test_no_lower_layer_imports_a_higher_one():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += violations(module_name(path), path.read_text())
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("name, source, bad", [
+    ("personalm.data.encoding", "from personalm.training.dpo import DPOModule", True),
+    ("personalm.models.loading", "def f():\n    from personalm.data import synthetic", True),
+    ("personalm.paths", "import personalm.models", True),
+    ("personalm.training.dpo", "from personalm.evaluation.metrics import add_phase_metrics", False),
+    ("personalm.cli", "from personalm.study import main", True),
+    ("personalm.study.steps", "from personalm.cli import main", False),
+])
+def test_the_check_sees_imports_anywhere_in_a_module(name, source, bad):
+    assert bool(violations(name, source)) == bad
+
+
+def test_every_subpackage_says_what_it_owns_and_may_import():
+    for prefix in (p for p in LAYERS[1:] if p != "personalm.cli"):
+        doc = ast.get_docstring(ast.parse((PACKAGE / prefix.split(".")[1] / "__init__.py").read_text()))
+        assert doc and "import" in doc, prefix

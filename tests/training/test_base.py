@@ -1,0 +1,85 @@
+"""What every module shares: the NaN guard (a non-finite loss or gradient stops training before the update,
+with the step and the batch's posts named, and nothing exported)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from personalm.cli import main
+from personalm.training.callbacks import NonFiniteError
+from tests.helpers import DEMO, quiet
+
+
+@pytest.mark.parametrize("nan_in", ["loss", "gradient"])
+def test_non_finite_step_stops_training_names_step_and_posts_and_exports_nothing(nan_in, small_compred, tmp_path):
+    with pytest.raises(NonFiniteError) as err:
+        main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+              "--model.class_path=tests.helpers.NaNAtStep", f"--model.init_args.nan_in={nan_in}",
+              "--model.init_args.nan_at_step=3", "--trainer.max_steps=6", "--trainer.val_check_interval=2",
+              "--trainer.limit_val_batches=1", "--data.batch_size=4"])
+    message = str(err.value)
+    assert f"non-finite {nan_in} on this process at step 3" in message, message
+    assert "post ids of this step's batches [3] on this process: [" in message
+    assert ("(epoch 0, batch [3])" in message) == (nan_in == "loss")  # which batch of the step had it
+    posts = message.split("on this process: [", 1)[1].split("]", 1)[0].split(", ")
+    assert len(posts) == 4 and all(p.startswith(("fin", "his")) for p in posts), posts
+    log_dir = next((tmp_path / "lightning_logs").iterdir())
+    assert not (log_dir / "hf_model").exists(), "a model was exported after a non-finite step"
+    ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["epoch=0-step=2.ckpt"], ckpts  # the last good checkpoint stays
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_guard_costs_no_step_when_all_is_finite(small_compred, tmp_path):
+    cli = main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+                "--model.class_path=tests.helpers.NaNAtStep", "--model.init_args.nan_at_step=99",
+                "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_dir="])
+    assert cli.trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_tokenizer_without_eos_fails_at_start_up(tmp_path, tokenizer, small_compred):
+    import json
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cfg_path = tmp_path / "tok" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("eos_token", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no EOS token"):
+        main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+              f"--model.init_args.model_name_or_path={tmp_path / 'tok'}", "--trainer.max_steps=1"])
+    assert not (tmp_path / "lightning_logs").exists() or not list(Path(tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_a_checkpoint_written_before_the_move_still_loads(sft_run, small_compred, tmp_path):
+    """Checkpoints of the flat layout pickled their settings as ``personalm.lm_module.GenerationSettings`` and
+    ``personalm.models.LoraSettings`` objects and named ``personalm.sft.SFTModule``: ``validate --ckpt_path``
+    and ``export --ckpt_path`` still take them."""
+    import pickle
+
+    from personalm.models import LoraSettings
+    from personalm.training.export import main as export
+    from personalm.training.generation import GenerationSettings
+
+    cli, _ = sft_run
+    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    old["hyper_parameters"]["generation"] = GenerationSettings(max_new_tokens=7)
+    moved = {GenerationSettings: "personalm.lm_module", LoraSettings: "personalm.models"}
+    for cls, module in moved.items():  # pickle them under the paths they had before the move
+        cls.__module__ = module
+    try:
+        torch.save(old, tmp_path / "old.ckpt")
+        assert b"personalm.lm_module" in (tmp_path / "old.ckpt").read_bytes()
+        legacy_lora = pickle.dumps(LoraSettings(r=4))
+    finally:
+        GenerationSettings.__module__, LoraSettings.__module__ = "personalm.training.generation", "personalm.models.loading"
+    assert pickle.loads(legacy_lora) == LoraSettings(r=4)
+    v = main(["validate", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+              f"--ckpt_path={tmp_path / 'old.ckpt'}", "--trainer.limit_val_batches=2"])
+    assert v.model.generation_settings.max_new_tokens == 7 and "val/loss" in v.trainer.callback_metrics
+    out = export(["--ckpt_path", str(tmp_path / "old.ckpt"), "--output_dir", str(tmp_path / "exported")])
+    assert (out / "model.safetensors").is_file()
