@@ -49,14 +49,13 @@ SIZES = {  # LlamaConfig fields; vocabulary 32,000 as Llama-2 and Mistral
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32),  # Llama-2-7B
 }
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# dense bf16 FLOP/s from the datasheets, most specific name first ("L40S" before "L40" before "L4")
+BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+             ("L40S", 362e12), ("L40", 181e12), ("A10G", 70e12), ("L4", 121e12)]
 
 
 def bf16_peak(name: str):
-    """Dense bf16 FLOP/s from the card's datasheet (H100 SXM: 989 T; the PCIe card: 756 T)."""
-    if "H100" in name and "PCIe" in name:
-        return 756e12
-    return next((v for k, v in BF16_PEAK.items() if k in name), None)
+    return next((v for k, v in BF16_PEAK if k in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,11 +78,16 @@ class Measure:
             torch.cuda.synchronize()
 
     def train_start(self, params):
+        import gc
+
         import torch
 
         self.snapshot = {n: _local(p).detach().float().cpu().clone() for n, p in params}
+        gc.collect()
         if self.cuda:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            self.held_before = torch.cuda.memory_allocated()  # what an earlier run may still hold
 
     def step_start(self):
         self.sync()
@@ -103,7 +107,7 @@ class Measure:
         changed = sum(int((_local(params[n]).detach().float().cpu() != p).sum()) for n, p in self.snapshot.items())
         self.changed = changed / max(sum(p.numel() for p in self.snapshot.values()), 1)
         self.trainable = sum(p.numel() for p in self.snapshot.values())
-        self.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        self.peak_gib = (torch.cuda.max_memory_allocated() - self.held_before) / 2**30 if self.cuda else None
         del self.snapshot
 
     def result(self, n_params: int, reference_forward: bool, peak_flops) -> dict:
@@ -313,9 +317,6 @@ def main(argv=None) -> dict:
             m = Measure(args.warmup, cuda)
             run_trl(args, start, out, m, rows)
             results[f"trl {trl.__version__} DPOTrainer, LoRA, adapters off"] = m.result(n_params, True, peak)
-    if cuda:
-        torch.cuda.empty_cache()
-
     if not args.skip_full:
         m = Measure(args.warmup, cuda)
         run_personalm("dpo_full_fsdp2", "dpo.yaml", args, start, out, [

@@ -6,6 +6,7 @@ The lowest layer: imports nothing of personalm.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -48,6 +49,20 @@ def write_atomically(path: PathLike, write: Callable[[str], None], suffix: str =
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_dir(finished: PathLike, target: PathLike) -> None:
+    """Move a finished folder into place; an older one there is moved aside first and removed after, so the
+    target never holds a mix of both."""
+    finished, target = Path(finished), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    finished.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: PathLike, text: str) -> None:

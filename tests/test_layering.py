@@ -1,6 +1,6 @@
 """The layers of the package, read from the imports: a lower layer never imports a higher one.
 
-    paths < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
+    paths, configs < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
 
 (the study drives the CLI; ``__main__`` routes to the CLI or the export command; ``personalm.sft``,
 ``personalm.dpo``, ``personalm.reward`` and ``personalm.lm_module`` stay where configs and checkpoints name them).
@@ -18,6 +18,8 @@ TOP = len(LAYERS)  # __main__, the package itself and the modules kept where con
 
 
 def layer(module: str) -> int:
+    if module == "personalm.configs":  # beside paths: imports nothing of personalm
+        return 0
     for i, prefix in enumerate(LAYERS):
         if module == prefix or module.startswith(prefix + "."):
             return i

@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 import datasets
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from personalm.data import compred, encoding, pairs, prompt, synthetic
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
@@ -244,4 +244,14 @@ class ComPreDDataModule(L.LightningDataModule):
         return self._loader("test_pref", False, self.eval_batch_size)
 
     def predict_dataloader(self):
-        return self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)
+        """Several processes: a padded ``DistributedSampler``, so every process runs as many batches (Lightning's
+        default for predict gives some processes one batch fewer, and a sharded model's processes must run the
+        same forward passes); the predictions writer keeps each post once."""
+        loader = self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return loader
+        sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=False, drop_last=False)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers)

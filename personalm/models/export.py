@@ -4,10 +4,14 @@ change, and a record of what was done (``personalm_export.json``)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from personalm.paths import replace_dir
 
 EXPORT_RECORD = "personalm_export.json"  # in an export: the dtype it was saved in and how LoRA was treated
 
@@ -31,8 +35,12 @@ def _dtypes(params) -> list[str]:
     return sorted({str(p.dtype).replace("torch.", "") for p in params})
 
 
-def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Optional[str] = "float32"):
+def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Optional[str] = "float32",
+              extra_files: Optional[dict] = None):
     """Save in Hugging Face format (``save_pretrained``): plain transformers (or peft) loads it back.
+
+    Written into a temporary folder beside ``out_dir`` and moved into place whole (``extra_files``, name ->
+    text, go in with it), so an export is never half written nor mixed with the files of an older one.
 
     With LoRA and ``merge_lora`` the adapters are merged in fp32, in place (no second copy of a 7B model in
     memory), and the merged, plain model is returned; use it instead of ``model`` after. The weights are
@@ -42,7 +50,9 @@ def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Op
     ``dtype: null`` (transformers' ``"auto"``) gives the weights back in the dtype they were saved in.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     held = {kind: _dtypes(p for p in model.parameters() if p.requires_grad == grad)
             for kind, grad in (("trainable", True), ("frozen", False))}
     record: dict = {"held_in_training": held, "lora": None}
@@ -59,7 +69,9 @@ def export_hf(model, tokenizer, out_dir: str, merge_lora: bool = True, dtype: Op
         if dtype:
             model = model.to(getattr(torch, dtype))
         record["dtype"] = _dtypes(model.parameters())[0]
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for name, text in {EXPORT_RECORD: json.dumps(record, indent=2), **(extra_files or {})}.items():
+        (tmp / name).write_text(text)
+    replace_dir(tmp, out)
     return model

@@ -13,8 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-import yaml
-
+from personalm.configs import compose
 from personalm.evaluation import judge as judging
 from personalm.study.runner import Stage, output, written
 
@@ -33,32 +32,10 @@ def config_path(name: str) -> str:
     raise FileNotFoundError(f"config {name} not found (looked in {Path.cwd()} and {REPO})")
 
 
-def _merge(into: dict, update: dict) -> dict:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-    return into
-
-
 def composed_config(configs: list[str], args: list[str]) -> dict:
     """The configuration a CLI run composes from its config files and ``--key=value`` arguments, in order
-    (as jsonargparse merges them; comments and formatting do not count): what a stage's result depends on."""
-    merged: dict = {}
-    for arg in [f"--config={c}" for c in configs] + list(args):
-        key, _, value = arg[2:].partition("=")
-        if key == "config":
-            _merge(merged, yaml.safe_load(Path(config_path(value)).read_text()) or {})
-            continue
-        node = merged
-        *parents, last = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[last] = yaml.safe_load(value) if value else value
-    return merged
+    (comments and formatting do not count): what a stage's result depends on."""
+    return compose(configs, args, find=config_path)
 
 
 class Steps:

@@ -202,18 +202,25 @@ class CausalLMModule(L.LightningModule):
 
     # -- export -----------------------------------------------------------------------------------
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
         """Save the trained model with ``save_pretrained`` so DPO (or plain transformers) can load it: under
-        every strategy, the full weights gathered to the first process (FSDP2, FSDP1, DeepSpeed) or taken
-        as they are (one device, DDP)."""
+        every strategy, the full weights gathered to the first process (FSDP2, FSDP1, DeepSpeed) or taken as
+        they are (one device, DDP). Here, not in ``on_fit_end``: that runs after the strategy's teardown. A
+        run that ends in an error (a NaN, a kill) exports nothing."""
         if self.hparams.export_dir == "":
             return
         out = Path(self.trainer.strategy.broadcast(
             str(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf_model")))
         state = full_state_dict(self)  # a collective: every process takes part
+        error = None
         if self.trainer.is_global_zero:
-            self.export(out, state)
-            rank_zero_info(f"[personalm] exported the trained model (Hugging Face format) to {out}")
+            try:
+                self.export(out, state)
+                rank_zero_info(f"[personalm] exported the trained model (Hugging Face format) to {out}")
+            except Exception as err:  # noqa: BLE001  (re-raised below, on every process)
+                error = err
+        if self.trainer.strategy.broadcast(error is not None):  # the others would wait at a barrier forever
+            raise error if error is not None else RuntimeError(f"the export to {out} failed on the first process")
         self.export_path = str(out)
         self.trainer.strategy.barrier()
 
@@ -228,10 +235,11 @@ class CausalLMModule(L.LightningModule):
             self._hold_trainable_in_fp32(model)
             model.load_state_dict(state)
         merged = export_hf(model, self.tokenizer, str(out), merge_lora=lora is None or lora.merge_on_export,
-                           dtype=self.hparams.export_dtype)
+                           dtype=self.hparams.export_dtype, extra_files=self.export_extras())
         if state is None:
             self.model = merged
-        self.on_export(Path(out))
 
-    def on_export(self, folder: Path) -> None:
-        """Write anything else that belongs with the exported weights (first process, before the barrier)."""
+    def export_extras(self) -> dict:
+        """Files (name -> text) that belong with the exported weights (DPO: the reference it was trained
+        against); written into the export before it moves into place."""
+        return {}

@@ -11,7 +11,6 @@ from torch import nn
 from personalm.data.compred import SPLIT_OF_PHASE
 from personalm.evaluation.metrics import add_phase_metrics, log_phase_metrics, write_test_metrics
 from personalm.models import resolve
-from personalm.paths import write_text
 from personalm.training.base import CausalLMModule
 from personalm.training.dpo_loss import PairLogps, PairLosses, check_dpo_args, pair_losses
 from personalm.training.generation import Generates
@@ -175,7 +174,7 @@ class DPOModule(Generates, CausalLMModule):
     def on_test_epoch_end(self) -> None:
         write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_phase_metrics(self, "test"))
 
-    def on_export(self, folder: Path) -> None:
+    def export_extras(self) -> dict:
         """Record next to the weights which reference they were trained against, so ``validate``/``test``
         of the export measure rewards against that reference."""
-        write_text(folder / TRAINED_AGAINST, json.dumps(self.reference.record(), indent=2))
+        return {TRAINED_AGAINST: json.dumps(self.reference.record(), indent=2)}

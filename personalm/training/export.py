@@ -14,12 +14,16 @@ DPO the record of the reference it was trained against.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import tempfile
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from personalm.configs import compose, merge
 
 
 def load_hyperparameters(ckpt_path: Path) -> dict:
@@ -46,7 +50,8 @@ def load_hyperparameters(ckpt_path: Path) -> dict:
 def build_module(hparams: dict, overrides: Optional[dict] = None):
     """The LightningModule of the checkpoint, its model loaded as ``fit`` loads it (base, LoRA, fp32
     trainable weights), ready to receive the trained weights."""
-    hp = {**hparams, **(overrides or {})}
+    hp = {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in hparams.items()}
+    hp = merge(copy.deepcopy(hp), overrides or {})  # lora.dropout overrides one field of lora
     module_name, _, class_name = hp.pop("_class_path").rpartition(".")
     hp.pop("_instantiator", None)
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -75,12 +80,12 @@ def load_trained_weights(module, ckpt_path: Path) -> None:
 
 
 def export_checkpoint(ckpt_path: str, output_dir: Optional[str] = None, overrides: Optional[dict] = None) -> Path:
-    """Write the Hugging Face export of a checkpoint; returns its folder (default: ``hf_model`` beside the
-    checkpoints folder, i.e. where ``fit`` writes it)."""
+    """Write the Hugging Face export of a checkpoint; returns its folder (default: ``hf_model-<checkpoint>``
+    beside the checkpoints folder, next to the ``hf_model`` that ``fit`` wrote, never over it)."""
     path = Path(ckpt_path).expanduser()
     module = build_module(load_hyperparameters(path), overrides)
     load_trained_weights(module, path)
-    out = Path(output_dir) if output_dir else path.resolve().parent.parent / "hf_model"
+    out = Path(output_dir) if output_dir else path.resolve().parent.parent / f"hf_model-{path.stem}"
     module.export(out)
     print(f"[personalm] exported {path} (Hugging Face format) to {out}", flush=True)
     return out
@@ -100,31 +105,24 @@ def _deepspeed_model_states(folder: Path) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     import argparse
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="python -m personalm export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file, or a distributed/DeepSpeed checkpoint folder")
-    parser.add_argument("--output_dir", default=None, help="default: hf_model beside the checkpoints folder")
+    parser.add_argument("--output_dir", default=None,
+                        help="default: hf_model-<checkpoint name> beside the checkpoints folder")
     parser.add_argument("--config", action="append", default=[],
                         help="a run config (YAML): its model.init_args override the checkpoint's (repeatable)")
     args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
-    overrides: dict = {}
-    for config in args.config:
-        model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
-        overrides.update(model.get("init_args") or {})
-    for item in _pairs(rest):
-        key, value = item
+    settings = [f"--{key}={value}" for key, value in _pairs(rest)]
+    for key in (s.split("=", 1)[0] for s in settings):
         if not key.startswith("--model.init_args."):
             parser.error(f"unknown argument {key} (only --model.init_args.<name> may override the checkpoint)")
-        overrides[key[len("--model.init_args."):]] = yaml.safe_load(value)
-    return export_checkpoint(args.ckpt_path, args.output_dir, overrides)
+    composed = compose(args.config, settings)
+    return export_checkpoint(args.ckpt_path, args.output_dir, (composed.get("model") or {}).get("init_args") or {})
 
 
 def _pairs(rest: list[str]):
-    """``--a=b`` and ``--a b`` forms."""
+    """``--a=b`` and ``--a b`` forms, without the leading dashes."""
     it = iter(rest)
     for token in it:
-        if "=" in token:
-            yield tuple(token.split("=", 1))
-        else:
-            yield token, next(it, "")
+        key, sep, value = token.partition("=")
+        yield key.lstrip("-"), value if sep else next(it, "")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
@@ -35,10 +36,13 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Content fingerprint of a model's full weights (names, shapes, dtypes, sums and leading values)."""
+def model_fingerprint(model: nn.Module, skip: str = None) -> str:
+    """Content fingerprint of a model's full weights (names, shapes, dtypes, sums and leading values); weights
+    whose name holds ``skip`` left out."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if skip and skip in name:
+            continue
         t = tensor.detach()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t.double().sum()):.10e}".encode())
         h.update(t.flatten()[:64].float().cpu().numpy().tobytes())
@@ -111,8 +115,8 @@ class Reference:
 
     def note_policy(self, policy: nn.Module) -> None:
         """With ``adapters_off`` the reference is the policy at its start: fingerprint it before sharding."""
-        if self.adapters_off:
-            self.fingerprint = "adapters_off:" + model_fingerprint(policy)
+        if self.adapters_off:  # the adapters are off in the reference: their random start does not count
+            self.fingerprint = "adapters_off:" + model_fingerprint(policy, skip="lora_")
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -135,6 +139,7 @@ class Reference:
             mesh = data_parallel_mesh(m)
             if mesh is not None:  # FSDP2: each process holds 1/N of the reference too
                 shard(ref, mesh, m.bf16_compute)
+                rank_zero_info(f"[personalm] the reference is sharded over {mesh.size()} processes (FSDP2)")
             self._frozen.append(ref)
         ref = self._frozen[0]
         if ref.device != m.device:

@@ -47,8 +47,9 @@ class PrecomputedReference:
         meta = {"data": ds._fingerprint, "rows": len(ds), "variants": variants, "reference": fingerprint,
                 "reference_name": module.reference.source, "precision": str(trainer.precision)}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-        path = self.folder / f"{split}-{key}.pt"
-        if trainer.strategy.broadcast(path.exists()):  # every process takes the first one's answer
+        path = Path(trainer.strategy.broadcast(str(self.folder / f"{split}-{key}.pt")))  # the first one's key
+        # read only if every process sees the file (a cache folder local to one node: the others score)
+        if trainer.strategy.reduce_boolean_decision(path.exists(), all=True):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             found = {k: saved["meta"].get(k) for k in meta}
             if found != meta:

@@ -76,7 +76,8 @@ def test_a_checkpoint_written_before_the_move_still_loads(sft_run, small_compred
         assert b"personalm.lm_module" in (tmp_path / "old.ckpt").read_bytes()
         legacy_lora = pickle.dumps(LoraSettings(r=4))
     finally:
-        GenerationSettings.__module__, LoraSettings.__module__ = "personalm.training.generation", "personalm.models.loading"
+        GenerationSettings.__module__ = "personalm.training.generation"
+        LoraSettings.__module__ = "personalm.models.loading"
     assert pickle.loads(legacy_lora) == LoraSettings(r=4)
     v = main(["validate", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               f"--ckpt_path={tmp_path / 'old.ckpt'}", "--trainer.limit_val_batches=2"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from personalm.models import LoraSettings, load_causal_lm
 from personalm.training.sharding import decoder_layers
-from tests.helpers import DEMO, DEMO_DPO, DEMO_REWARD, FSDP2, scalars
+from tests.helpers import DEMO, DEMO_DPO, DEMO_REWARD, FSDP2, scalars, write_jsonl
 
 # a few steps at a small lr: AdamW's first steps amplify float noise in near-zero gradients (lr * g / (|g| + eps)),
 # which at the demo's lr 3e-3 makes DDP and FSDP2 (other reduction orders) differ by ~3e-5 after one step
@@ -28,8 +29,8 @@ def test_decoder_layers_are_found_with_and_without_peft():
     assert len(decoder_layers(load_causal_lm("embedded:tiny-llama", lora=LoraSettings(r=4)))) == 4
 
 
-def launch(root: Path, *args: str, torchrun: bool = False) -> Path:
-    """Run the CLI on 2 processes as a user does; returns the run's log folder."""
+def launch(root: Path, *args: str, torchrun: bool = False, output: list = None) -> Path:
+    """Run the CLI on 2 processes as a user does; returns the run's log folder (``output`` gets what it printed)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     head = [sys.executable, "-m"]
     if torchrun:
@@ -41,6 +42,8 @@ def launch(root: Path, *args: str, torchrun: bool = False) -> Path:
     versions = list((root / "lightning_logs").iterdir())
     assert len(versions) == 1, versions  # one run, one logger, whatever launched the processes
     assert out.count("exported the trained model") == 1, out[-3000:]  # exported once
+    if output is not None:
+        output.append(out)
     return versions[0]
 
 
@@ -95,7 +98,9 @@ def dpo_runs(small_compred, tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     data = f"--data.dataset={small_compred}"
     ddp = launch(root / "ddp", *DEMO_DPO, data, *SHORT, "--trainer.strategy=ddp")
-    fsdp2 = launch(root / "fsdp2", *DEMO_DPO, "--config", FSDP2, data, *SHORT)
+    printed = []
+    fsdp2 = launch(root / "fsdp2", *DEMO_DPO, "--config", FSDP2, data, *SHORT, output=printed)
+    assert "the reference is sharded over 2 processes (FSDP2)" in printed[0]
     return ddp, fsdp2
 
 
@@ -112,14 +117,21 @@ def test_fsdp2_dpo_with_a_sharded_reference_equals_ddp(dpo_runs, start_weights):
 @pytest.mark.slow
 def test_fsdp2_test_and_predict_of_the_export(dpo_runs, small_compred, tmp_path):
     """``test`` (per-community metrics synced, written once) and ``predict`` (generation with the sharded
-    model: every process runs the same number of forward passes) under FSDP2 on 2 processes."""
+    model: every process runs the same number of forward passes, also when the posts do not split evenly:
+    15 posts in batches of 7 over 2 processes) under FSDP2 on 2 processes."""
     _, fsdp2 = dpo_runs
-    common = [*DEMO_DPO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT[:3],
+    data = tmp_path / "data"
+    shutil.copytree(small_compred, data)
+    prompts = data / "finance_test_prompts" / "test_prompts.jsonl"
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    dropped = rows[-1]["post_id"]
+    write_jsonl(prompts, [r for r in rows if r["post_id"] != dropped])  # 16 posts -> 15
+    common = [*DEMO_DPO, "--config", FSDP2, f"--data.dataset={data}", *SHORT[:3],
               "--trainer.enable_progress_bar=false", "--data.subset=finance", "--data.max_eval_pairs=16",
               f"--model.init_args.model_name_or_path={fsdp2 / 'hf_model'}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for sub, extra in (("test", []), ("predict", ["--model.init_args.generation.max_new_tokens=6",
-                                                  "--trainer.limit_predict_batches=2", "--data.eval_batch_size=3",
+                                                  "--data.eval_batch_size=7",
                                                   f"--predictions.output_path={tmp_path / 'p.jsonl'}"])):
         proc = subprocess.run([sys.executable, "-m", "personalm", sub, *common, *extra,
                                f"--trainer.default_root_dir={tmp_path / sub}"], env=env, capture_output=True,
@@ -129,7 +141,7 @@ def test_fsdp2_test_and_predict_of_the_export(dpo_runs, small_compred, tmp_path)
     metrics = json.loads((log_dir / "test_metrics.json").read_text())["conditioning"]
     assert set(metrics) == {"true", "none", "random"} and metrics["true"]["rewards/margins"] != 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and len({r["post_id"] for r in rows}) == 12  # 2 batches x 3 prompts x 2 processes
+    assert len(rows) == 15 and len({r["post_id"] for r in rows}) == 15 and dropped not in {r["post_id"] for r in rows}
 
 
 @pytest.mark.slow
@@ -147,6 +159,17 @@ def test_fsdp2_lora_dpo_adapters_off_precomputed_in_bf16_mixed(small_compred, tm
     exported = weights(run)
     assert max(float((exported[k] - start_weights[k]).abs().max()) for k in exported) > 1e-4
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and validation, scored once
+    # the export command, as a user runs it, on the sharded checkpoint of this LoRA DPO run
+    (ckpt,) = (run / "checkpoints").iterdir()
+    proc = subprocess.run([sys.executable, "-m", "personalm", "export", "--ckpt_path", str(ckpt)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    again = run / f"hf_model-{ckpt.stem}"
+    assert json.loads((again / "personalm_dpo.json").read_text()) == json.loads(
+        (run / "hf_model" / "personalm_dpo.json").read_text())
+    exported_again = load_file(again / "model.safetensors")
+    for name, tensor in exported.items():
+        torch.testing.assert_close(exported_again[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.slow
@@ -155,5 +178,5 @@ def test_fsdp2_reward_model_with_lora_exports_a_reward_model(small_compred, tmp_
 
     run = launch(tmp_path, *DEMO_REWARD, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT,
                  '--model.init_args.lora={"r": 8, "alpha": 16}', "--model.init_args.lr=1e-3")
-    judge = RewardJudge(str(run / "hf_model"), max_length=128, device="cpu")  # refuses an untrained head
+    judge = RewardJudge(str(run / "hf_model"), max_length=128, device="cpu")  # refuses a model without a scalar head
     assert judge.model.config.num_labels == 1
