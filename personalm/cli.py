@@ -6,11 +6,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from personalm.data.datamodule import ComPreDDataModule
 from personalm.evaluation.predict_writer import JsonlPredictionWriter
 from personalm.training.base import CausalLMModule
+from personalm.training.checkpoints import Checkpoints, last_checkpoint
 
 
 class PersonalmCLI(LightningCLI):
@@ -25,11 +27,16 @@ class PersonalmCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        """As LightningCLI does (the checkpoint's hyperparameters fill the model's settings), with settings a
+        """``fit --ckpt_path last``: the newest ``last.ckpt`` of the run's root, resumed into its own version
+        folder (logs and checkpoints go on where the killed run left them); none yet: start from the beginning.
+
+        Then as LightningCLI does (the checkpoint's hyperparameters fill the model's settings), with settings a
         checkpoint holds as objects (``GenerationSettings``, ``LoraSettings``: written before they were plain
         data) turned into the dicts the parser takes."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last" and subcommand == "fit":
+            ckpt_path = self._resume_last()
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {}))
@@ -41,6 +48,33 @@ class PersonalmCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
+    def _resume_last(self):
+        sub = self.config.subcommand
+        root = Path(self.config[sub].trainer.default_root_dir or ".")
+        found = last_checkpoint(root)
+        if found is None:
+            print(f"[personalm] --ckpt_path last: no checkpoint under {root}/lightning_logs yet; starting from the "
+                  "beginning", flush=True)
+            self.config[sub].ckpt_path = None
+            return None
+        link, version = found
+        step = link.resolve().stem.split("=")[-1]
+        print(f"[personalm] --ckpt_path last: resuming from {link.resolve()} (step {step}), logging on in "
+              f"version_{version}", flush=True)
+        self.config[sub].ckpt_path = str(link)
+        if self.config[sub].trainer.logger in (None, True):  # the default logger, into the killed run's folder
+            logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                      "init_args": {"save_dir": str(root), "version": version}}
+            self.config = self.parser.parse_object({sub: {"trainer": {"logger": logger}}}, self.config)
+        return str(link)
+
+    def _instantiate_trainer(self, config, callbacks):
+        """``enable_checkpointing: false`` (benchmarks, throwaway runs) also drops the ``checkpoints`` block,
+        which Lightning would otherwise refuse as a checkpoint callback with checkpointing disabled."""
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         """Refuse precision settings that cannot train before the data are prepared (minutes on real data)."""
         check = getattr(self.model, "check_training_precision", None)
@@ -50,13 +84,22 @@ class PersonalmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+        parser.add_lightning_class_args(Checkpoints, "checkpoints")
         if "return_predictions" in parser.get_defaults():  # the writer holds them; don't keep all in RAM
             parser.set_defaults({"return_predictions": False})
 
 
 def main(args=None) -> PersonalmCLI:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     import personalm.training.dpo  # noqa: F401  (register the modules for short class names in configs)
     import personalm.training.reward  # noqa: F401
     import personalm.training.sft  # noqa: F401
 
-    return PersonalmCLI(args=args)
+    try:
+        return PersonalmCLI(args=args)
+    except SIGTERMException:  # Lightning's stop on SIGTERM is a SystemExit with status 0: a script (or the
+        raise SystemExit(STOPPED_BY_SIGNAL) from None  # study) must not take a stopped run for a finished one
+
+
+STOPPED_BY_SIGNAL = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended

@@ -34,14 +34,44 @@ def set_dotted(into: dict, key: str, value) -> dict:
     return into
 
 
+def arguments(args: Iterable[str]) -> list[tuple[str, str]]:
+    """(key, value) of each ``--key=value`` or ``--key value`` argument, dashes removed, in order."""
+    pairs, tokens = [], iter(args)
+    for token in tokens:
+        if not token.startswith("--"):
+            raise ValueError(f"argument {token!r}: expected --key=value or --key value")
+        key, sep, value = token[2:].partition("=")
+        pairs.append((key, value if sep else next(tokens, "")))
+    return pairs
+
+
 def compose(configs: Iterable[str], args: Iterable[str] = (), find: Callable[[str], str] = str) -> dict:
-    """The configuration of ``--config`` files then ``--key=value`` arguments (``--config=<file>`` among them
-    merges that file there); values are read as YAML, as on the command line."""
+    """The configuration of ``--config`` files then ``--key=value`` (or ``--key value``) arguments, as the CLI
+    reads them: ``--config <file>`` among them merges that file there, ``--key+=<value>`` appends to a list,
+    values are read as YAML."""
     merged: dict = {}
-    for arg in [f"--config={c}" for c in configs] + list(args):
-        key, _, value = arg[2:].partition("=")
+    for key, value in [("config", c) for c in configs] + arguments(args):
         if key == "config":
             merge(merged, yaml.safe_load(Path(find(value)).read_text()) or {})
+        elif key.endswith("+"):
+            key = key[:-1]
+            node = merged
+            for part in key.split(".")[:-1]:
+                node = node.get(part) if isinstance(node.get(part), dict) else {}
+            current = node.get(key.split(".")[-1])
+            set_dotted(merged, key, (current if isinstance(current, list) else []) + [_value(value)])
         else:
-            set_dotted(merged, key, yaml.safe_load(value) if value else value)
+            set_dotted(merged, key, _value(value) if value else value)
     return merged
+
+
+def _value(text: str):
+    """A command-line value as YAML reads it, and ``2e-7`` as the number the CLI's typed parser makes of it
+    (YAML 1.1 reads a float without a dot as a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
+    return value

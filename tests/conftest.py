@@ -1,11 +1,14 @@
 """Fixtures: offline, caches in a temporary folder, small synthetic ComPreD data, tokenizers, one short SFT
 run that several tests start from. Helpers that are not fixtures live in ``tests.helpers``."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # before anything imports datasets / transformers: never touch the network or the user's caches
 _CACHE = tempfile.mkdtemp(prefix="personalm-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # removed when the test session ends
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

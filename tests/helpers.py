@@ -138,3 +138,66 @@ class ChangedWeights(Callback):
         self.dtypes = {n: params[n].dtype for n in self.start}
         self.changed = {n: float((params[n].detach() != p).float().mean()) for n, p in self.start.items()}
         self.logits = fp32_logits(copy.deepcopy(module.model))
+
+
+class KillAt(Callback):
+    """Send ``signal`` to this process right after optimizer step ``step`` (deterministic, unlike a timer).
+    SIGKILL: nothing after it runs, no handler, no checkpoint of its own, as when a node dies; SIGTERM or
+    SIGUSR1: what a scheduler sends before it pre-empts a job.
+
+    With ``once`` (a file path) only the first run that gets there is killed: it leaves the file behind, and
+    a rerun with the same arguments goes on."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL", once: Optional[str] = None):
+        self.step, self.signal, self.once = step, signal, once
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            if self.once:
+                if Path(self.once).exists():
+                    return
+                Path(self.once).touch()
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+def step_scalars(log_dir: Path) -> dict:
+    """TensorBoard scalars of a run as tag -> {step: value}; a step logged again (after a resume) keeps its
+    last value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)}
+            for tag in acc.Tags()["scalars"]}
+
+
+def kill_at(step: int, signal: str = "SIGKILL", once: Optional[Path] = None) -> str:
+    """The CLI argument that adds ``KillAt`` to a run's callbacks."""
+    init = {"step": step, "signal": signal, **({"once": str(once)} if once else {})}
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "tests.helpers.KillAt", "init_args": init})
+
+
+def safetensors_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two exports' weights (same tensor names required)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert set(x) == set(y), set(x) ^ set(y)
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
+class KillAtPredictBatch(Callback):
+    """SIGKILL this process when predict batch ``batch`` starts (the batches before it are written)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_predict_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.batch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

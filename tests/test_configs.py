@@ -57,7 +57,7 @@ def test_recipe_parses_composed_with_its_hardware_and_holds_no_hardware(path):
 
 @pytest.mark.parametrize("path", TRAINERS, ids=lambda p: p.name)
 def test_trainer_blocks_hold_the_trainer_only(path):
-    assert set(yaml.safe_load(path.read_text())) == {"trainer"}
+    assert set(yaml.safe_load(path.read_text())) <= {"trainer", "checkpoints"}
     cfg = parse("--config", str(path), "--config", str(CONFIGS / "demo" / "sft.yaml"))
     assert cfg.trainer.devices in (1, -1)
 
@@ -110,3 +110,27 @@ def test_study_configs_parse_and_name_existing_configs(name):
     s = study.parse(["--config", str(CONFIGS / "study" / f"{name}.yaml")])
     for path in (s.trainer_config, s.sft_config, s.dpo_config, s.reward_config):
         assert (CONFIGS.parent / path).is_file(), path
+
+
+# ---------------------------------------------------------------- personalm.configs: what a stage hashes
+
+
+def test_compose_reads_arguments_as_the_cli_does(tmp_path):
+    """``--key value`` and ``--key=value`` give the same configuration; ``--config <file>`` merges the file
+    where it stands; ``+=`` appends; later wins. (Reading only ``--key=value`` once let the study miss a
+    changed ``--trainer.max_steps 50`` and reuse the old stage.)"""
+    from personalm.configs import compose
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("trainer:\n  max_steps: 7\n  precision: bf16-mixed\n")
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_steps: 1\n  devices: 1\nmodel:\n  init_args:\n    lr: 0.1\n")
+    spaced = compose([str(base)], ["--trainer.max_steps", "50", "--config", str(extra), "--model.init_args.lr", "2e-7"])
+    equals = compose([str(base)], ["--trainer.max_steps=50", f"--config={extra}", "--model.init_args.lr=2e-7"])
+    assert spaced == equals == {"trainer": {"max_steps": 7, "devices": 1, "precision": "bf16-mixed"},
+                                "model": {"init_args": {"lr": 2e-7}}}
+    assert compose([str(base)], ["--trainer.max_steps", "5"]) != compose([str(base)], ["--trainer.max_steps", "50"])
+    appended = compose([], ['--trainer.callbacks+={"class_path": "A"}', '--trainer.callbacks+={"class_path": "B"}'])
+    assert appended == {"trainer": {"callbacks": [{"class_path": "A"}, {"class_path": "B"}]}}
+    with pytest.raises(ValueError, match="expected --key=value"):
+        compose([], ["max_steps=5"])

@@ -3,10 +3,12 @@
     paths, configs < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
 
 (the study drives the CLI; ``__main__`` routes to the CLI or the export command; ``personalm.sft``,
-``personalm.dpo``, ``personalm.reward`` and ``personalm.lm_module`` stay where configs and checkpoints name them).
+``personalm.dpo``, ``personalm.reward``, ``personalm.lm_module`` and ``personalm.sharding`` stay where configs and
+checkpoints name them).
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def is_package(name: str) -> bool:
+    return (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+
+
 def imported(source: str, name: str) -> set[str]:
     """personalm modules ``source`` imports, at the top or inside functions."""
     found = set()
-    package = name if name.count(".") == 0 else name.rsplit(".", 1)[0]
+    package = name if is_package(name) else name.rsplit(".", 1)[0]  # what a relative import starts from
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("personalm")}
@@ -73,7 +79,34 @@ def test_the_check_sees_imports_anywhere_in_a_module(name, source, bad):
     assert bool(violations(name, source)) == bad
 
 
+def test_relative_imports_start_from_the_right_package():
+    assert imported("from .encoding import x", "personalm.data") == {"personalm.data.encoding"}
+    assert imported("from .encoding import x", "personalm.data.collate") == {"personalm.data.encoding"}
+    assert imported("from ..paths import x", "personalm.data.collate") == {"personalm.paths"}
+
+
 def test_every_subpackage_says_what_it_owns_and_may_import():
+    """Each subpackage's docstring names every module it has (and only those) and what it may import."""
     for prefix in (p for p in LAYERS[1:] if p != "personalm.cli"):
-        doc = ast.get_docstring(ast.parse((PACKAGE / prefix.split(".")[1] / "__init__.py").read_text()))
-        assert doc and "import" in doc, prefix
+        folder = PACKAGE / prefix.split(".")[1]
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert doc and "May import" in doc, prefix
+        modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        named = {m for m in re.findall(r"``(\w+)``", doc.split("May import")[0])}
+        assert modules <= named, f"{prefix}: its docstring does not name {sorted(modules - named)}"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("personalm.sft.SFTModule", "personalm.training.sft.SFTModule"),
+    ("personalm.dpo.DPOModule", "personalm.training.dpo.DPOModule"),
+    ("personalm.reward.RewardModule", "personalm.training.reward.RewardModule"),
+    ("personalm.lm_module.CausalLMModule", "personalm.training.base.CausalLMModule"),
+    ("personalm.sharding.FSDP2Strategy", "personalm.training.sharding.FSDP2Strategy"),
+])
+def test_class_paths_that_configs_and_checkpoints_name_still_work(old, new):
+    import importlib
+
+    def get(path):
+        module, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+    assert get(old) is get(new)

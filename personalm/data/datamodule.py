@@ -10,6 +10,7 @@ from typing import Literal, Optional, Union
 
 import datasets
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -21,6 +22,19 @@ from personalm.models import load_tokenizer
 from personalm.paths import is_embedded
 
 ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs)  # their source is part of the tokenization cache key
+
+
+def tokenizer_identity(tok) -> str:
+    """What makes a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, normalizer, pre- and
+    post-processing), else a hash of its vocabulary files; and its settings (special tokens, BOS/EOS)."""
+    if hasattr(tok, "backend_tokenizer"):
+        definition = tok.backend_tokenizer.to_str()
+    else:
+        folder = Path(tok.name_or_path)
+        files = sorted(folder / name for name in tok.vocab_files_names.values() if (folder / name).is_file())
+        definition = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else tok.name_or_path
+    settings = {k: v for k, v in tok.init_kwargs.items() if k != "name_or_path" and isinstance(v, (str, int, bool))}
+    return json.dumps([definition, sorted(settings.items()), tok.all_special_tokens], default=str)
 
 
 class ComPreDDataModule(L.LightningDataModule):
@@ -169,7 +183,7 @@ class ComPreDDataModule(L.LightningDataModule):
         keys = ("rows", "contextualize", "random_community", "conditioning_variants", "max_length",
                 "max_prompt_length", "seed")
         tok = self.tokenizer
-        tok_id = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else tok.name_or_path
+        tok_id = tokenizer_identity(tok)
         sources = [__file__, *(m.__file__ for m in ROW_SHAPING_MODULES)]
         code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources))
         code = code.hexdigest()
@@ -235,7 +249,23 @@ class ComPreDDataModule(L.LightningDataModule):
                           collate_fn=self.collate_fn(split), num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
-        return self._loader("train_pref", True, self.hparams.batch_size)
+        """A ``StatefulDataLoader`` (its position in the epoch is saved in checkpoints, so a resumed run goes
+        on from the batch it stopped at), shuffled anew each epoch from (seed, epoch) alone, never from the
+        global RNG (which a resume restores as it was at the checkpoint)."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        split = "train_pref"
+        if split not in self.splits:
+            self.splits[split] = self.prepare_split(split)
+        ds, trainer = self.splits[split], self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # a DistributedSampler even on one process: Lightning keeps it, and it is built here already at the
+        # epoch a resumed run is in (Lightning sets a sampler's epoch only after the loader's first iterator)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return StatefulDataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler,
+                                  generator=torch.Generator().manual_seed(self.hparams.seed),  # workers' seeds
+                                  collate_fn=self.collate_fn(split), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):
         return self._loader("validation_pref", False, self.eval_batch_size)
@@ -243,11 +273,22 @@ class ComPreDDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test_pref", False, self.eval_batch_size)
 
+    def skip_predictions(self, indices) -> None:
+        """Posts (by ``index``) whose predictions an interrupted run already wrote: ``predict`` leaves them out."""
+        self._skip_predict = set(indices)
+
     def predict_dataloader(self):
         """Several processes: a padded ``DistributedSampler``, so every process runs as many batches (Lightning's
         default for predict gives some processes one batch fewer, and a sharded model's processes must run the
-        same forward passes); the predictions writer keeps each post once."""
+        same forward passes); the predictions writer keeps each post once. Posts already predicted by an
+        interrupted run are left out (all of them: the last is predicted again, so the run still ends)."""
         loader = self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)
+        skip = getattr(self, "_skip_predict", set())
+        if skip:
+            ds = loader.dataset
+            keep = [i for i, index in enumerate(ds["index"]) if index not in skip] or [len(ds) - 1]
+            loader = DataLoader(ds.select(keep), batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                                num_workers=loader.num_workers)
         trainer = self.trainer
         if trainer is None or trainer.world_size <= 1:
             return loader

@@ -1,4 +1,4 @@
-"""Preference metrics per community, as a torchmetrics Metric (summed across processes under DDP)."""
+"""Preference metrics per community, as a torchmetrics Metric (each row once across processes under DDP)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from personalm.data.compred import SPLIT_OF_PHASE
 from personalm.data.pairs import communities
@@ -24,8 +25,10 @@ class PreferenceMetrics(Metric):
     """Means of ``PAIR_METRICS`` overall and per community, plus the macro average and the worst
     community for the reward accuracy.
 
-    State: per-community sums [M, C] and pair counts [C], reduced with ``sum`` across processes, so
-    the figures are exact under DDP (not a mean of per-rank means).
+    State: one entry per pair (its row ``index`` in the split, its community, its figures), gathered from
+    every process at ``compute``, where a row seen more than once counts once: a distributed sampler repeats
+    rows to give every process as many, and those repeats must not weigh in. The figures are exact under
+    DDP (not a mean of per-rank means). Without ``indices`` every pair counts.
     """
 
     full_state_update = False
@@ -33,45 +36,71 @@ class PreferenceMetrics(Metric):
     def __init__(self, communities: Sequence[str], with_logps: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.communities = list(communities)
-        self.names = PAIR_METRICS if with_logps else PAIR_METRICS[:5]  # a reward model has no log-probs
+        self.names = PAIR_METRICS if with_logps else tuple(n for n in PAIR_METRICS if not n.startswith("logps/"))
         self._index = {c: i for i, c in enumerate(self.communities)}
-        self.add_state("sums", torch.zeros(len(PAIR_METRICS), len(self.communities), dtype=torch.float64),
-                       dist_reduce_fx="sum")
-        self.add_state("counts", torch.zeros(len(self.communities), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rows", default=[], dist_reduce_fx="cat")  # row index in the split (-1: none given)
+        self.add_state("groups", default=[], dist_reduce_fx="cat")  # community number
+        self.add_state("values", default=[], dist_reduce_fx="cat")  # [n, len(PAIR_METRICS)]
 
     def update(self, communities: Sequence[str], losses: torch.Tensor, chosen_rewards: torch.Tensor,
                rejected_rewards: torch.Tensor, chosen_logps: Optional[torch.Tensor] = None,
-               rejected_logps: Optional[torch.Tensor] = None) -> None:
+               rejected_logps: Optional[torch.Tensor] = None, indices: Optional[torch.Tensor] = None) -> None:
         try:
-            groups = torch.tensor([self._index[c] for c in communities], dtype=torch.long, device=self.counts.device)
+            groups = torch.tensor([self._index[c] for c in communities], dtype=torch.long, device=self.device)
         except KeyError as err:
             raise ValueError(f"community {err.args[0]!r} is not among this metric's {self.communities}") from err
         if chosen_logps is None or rejected_logps is None:
             chosen_logps = rejected_logps = torch.zeros_like(losses)
         values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
-                              (chosen_rewards > rejected_rewards).to(losses.dtype), chosen_logps, rejected_logps])
-        self.sums.index_add_(1, groups, values.detach().to(self.sums.dtype))
-        self.counts.index_add_(0, groups, torch.ones_like(groups, dtype=self.counts.dtype))
+                              (chosen_rewards > rejected_rewards).to(losses.dtype), chosen_logps, rejected_logps], 1)
+        rows = torch.full_like(groups, -1) if indices is None else torch.as_tensor(indices).to(groups)
+        self.rows.append(rows)
+        self.groups.append(groups)
+        self.values.append(values.detach().to(torch.float64))
+
+    def _distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(groups, values) with each row index once (the first seen); rows without an index all count."""
+        if not len(self.rows):  # nothing on any process
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, len(PAIR_METRICS), dtype=torch.float64)
+        rows, groups, values = (dim_zero_cat(x) for x in (self.rows, self.groups, self.values))
+        indexed = rows >= 0
+        _, first = _first_occurrences(rows[indexed])
+        keep = torch.cat([indexed.nonzero().flatten()[first], (~indexed).nonzero().flatten()])
+        return groups[keep], values[keep]
 
     def compute(self) -> dict[str, float]:
         """``{"rewards/accuracies": .., "rewards/accuracies/r_<community>": .., ".../macro", ".../worst"}``.
 
         Communities with no pair in this run are left out (not counted as 0).
         """
-        seen = self.counts > 0
+        groups, values = self._distinct()
+        n = len(self.communities)
+        counts = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(
+            0, groups, torch.ones_like(groups, dtype=torch.float64))
+        sums = torch.zeros(len(PAIR_METRICS), n, dtype=torch.float64, device=values.device).index_add_(
+            1, groups, values.T.contiguous())
+        seen = counts > 0
         out = {}
-        total = self.counts.sum().clamp(min=1)
+        total = counts.sum().clamp(min=1)
         for m, name in enumerate(self.names):
-            out[name] = float(self.sums[m].sum() / total)
+            out[name] = float(sums[m].sum() / total)
             for c, community in enumerate(self.communities):
                 if seen[c]:
-                    out[f"{name}/r_{community}"] = float(self.sums[m, c] / self.counts[c])
+                    out[f"{name}/r_{community}"] = float(sums[m, c] / counts[c])
         acc = PAIR_METRICS.index("rewards/accuracies")
-        per = self.sums[acc][seen] / self.counts[seen]
+        per = sums[acc][seen] / counts[seen]
         if len(per):
             out["rewards/accuracies/macro"] = float(per.mean())
             out["rewards/accuracies/worst"] = float(per.min())
         return out
+
+
+def _first_occurrences(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct values, position of each one's first occurrence in ``rows``)."""
+    distinct, inverse = torch.unique(rows, return_inverse=True)
+    positions = torch.arange(len(rows), device=rows.device)
+    first = torch.full((len(distinct),), len(rows), dtype=torch.long, device=rows.device)
+    return distinct, first.scatter_reduce_(0, inverse, positions, reduce="amin")
 
 
 def add_phase_metrics(metrics: nn.ModuleDict, splits: dict, variants: Sequence[str] = (),

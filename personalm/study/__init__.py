@@ -1,8 +1,9 @@
 """The study: the ComPO pipeline in one resumable command (``python -m personalm.study``).
 
 Owns ``runner`` (generic stages with done markers and stale folders), ``steps`` (the CLI runs as stages),
-``pipeline`` (settings, the stages of the study, the closing summary) and ``report`` (the tables as data,
-rendered to ``report.md``). The top layer: may import every other part of personalm.
+``pipeline`` (settings, the stages of the study, the closing summary), ``report`` (the tables as data,
+rendered to ``report.md``) and ``__main__`` (the command). The top layer: May import every other part of
+personalm.
 """
 
 from personalm.study.pipeline import StudySettings, main, parse, stages

@@ -91,7 +91,8 @@ def stages(s: StudySettings) -> list[Stage]:
         st.predict("predict_no_context", DPO["no_context"], "none"),
         st.predict("predict_random", DPO["context"], "random"),
         *judges,
-        Stage(REPORT, [*TESTS.values(), *COMPARISONS], lambda folder, needs: write_report(folder, needs, s)),
+        Stage(REPORT, [*TESTS.values(), *COMPARISONS],
+              lambda folder, needs, resume=False: write_report(folder, needs, s)),
     ]
 
 

@@ -3,7 +3,8 @@
 
 A finished stage is skipped. A finished stage whose settings or inputs changed is moved aside to
 ``<stage>.stale-<time>``, never overwritten, and redone. A stage folder without ``done.json`` (a failed or
-interrupted run) is deleted and redone, never trusted.
+interrupted run) is resumed when it started from the same settings and inputs (``started.json``) and left
+something to go on from (a checkpoint, predictions); else it is deleted and redone, never trusted.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from typing import Callable, Optional
 
 from personalm.paths import write_text
 
+STARTED = "started.json"  # written when a stage starts: the settings and inputs it runs from
+
 
 @dataclass
 class Stage:
     name: str
     needs: list[str]
-    run: Callable[[Path, dict], dict]  # (its folder, done markers of its needs) -> outputs {key: relative path}
+    run: Callable[..., dict]  # (its folder, done markers of its needs, resume=bool) -> outputs {key: relative path}
     settings: dict = field(default_factory=dict)  # what else its result depends on (config, args, judge)
+    resumable: Optional[Callable[[Path], Optional[str]]] = None  # what an interrupted run left to go on from
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -58,17 +62,33 @@ def run_stage(root: Path, stage: Stage, done: dict[str, dict]) -> dict:
             n += 1  # moved aside more than once within a second
         print(f"[study] {stage.name}: settings, inputs or outputs changed; the old folder moves to {aside}", flush=True)
         folder.rename(aside)
-    elif folder.exists():  # no done.json: a failed or interrupted run, never trusted
-        print(f"[study] {stage.name}: incomplete earlier run removed", flush=True)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    resume = None
+    if folder.exists() and not (folder / "done.json").is_file():  # a failed or interrupted run
+        resume = _resumable(folder, stage, inputs)
+        if resume is None:  # nothing it may go on from: never trusted
+            print(f"[study] {stage.name}: incomplete earlier run removed", flush=True)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"\n[study] === {stage.name} ===", flush=True)
-    outputs = stage.run(folder, {n: {**done[n], "folder": root / n} for n in stage.needs})
+    if resume is None:
+        write_json(folder / STARTED, {"inputs": inputs})  # what it started from: a rerun may go on from its
+        print(f"\n[study] === {stage.name} ===", flush=True)  # checkpoints only if these are the same
+    else:
+        print(f"\n[study] === {stage.name} === resuming from {resume}", flush=True)
+    outputs = stage.run(folder, {n: {**done[n], "folder": root / n} for n in stage.needs}, resume=resume is not None)
     marker = {"id": uuid.uuid4().hex, "inputs": inputs, "outputs": outputs,
               "seconds": round(time.perf_counter() - start, 1)}
     write_json(folder / "done.json", marker)
     return marker
+
+
+def _resumable(folder: Path, stage: Stage, inputs: dict) -> Optional[str]:
+    """What an interrupted run of ``stage`` left that a rerun may go on from (a checkpoint, the predictions
+    written): only if it started from the same settings and inputs."""
+    started = folder / STARTED
+    if stage.resumable is None or not started.is_file() or json.loads(started.read_text()).get("inputs") != inputs:
+        return None
+    return stage.resumable(folder)
 
 
 def output(done: dict, key: str) -> str:

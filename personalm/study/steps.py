@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Literal, Optional
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
 from personalm.study.runner import Stage, output, written
+from personalm.training.checkpoints import last_checkpoint
 
 if TYPE_CHECKING:
     from personalm.study.pipeline import StudySettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
+LLM_VERDICTS = "llm_judge_verdicts.jsonl"  # in the study's root: every verdict the LLM judge was paid for
 
 
 def config_path(name: str) -> str:
@@ -82,17 +84,23 @@ class Steps:
             main(args)
 
     def fit(self, name: str, kind: str, context: bool, start: Optional[str] = None) -> Stage:
-        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward."""
-        def run(folder: Path, needs: dict) -> dict:
+        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward. An
+        interrupted run goes on from its last checkpoint (``--ckpt_path last``)."""
+        def run(folder: Path, needs: dict, resume: bool = False) -> dict:
             model = output(needs[start], "model") if start else self.s.base_model
-            self.cli("fit", kind, kind, folder, model, f"--data.contextualize={str(context).lower()}")
-            ckpts = sorted((folder / LOGS / "checkpoints").glob("*.ckpt"))
+            self.cli("fit", kind, kind, folder, model, f"--data.contextualize={str(context).lower()}",
+                     *(["--ckpt_path=last"] if resume else []))
+            last = last_checkpoint(folder)
             return {"model": written(folder, f"{LOGS}/hf_model"), "logs": LOGS,
-                    **({"checkpoint": os.path.relpath(ckpts[-1], folder)} if ckpts else {})}
-        return Stage(name, [start] if start else [], run, self.settings(kind, kind))
+                    **({"checkpoint": os.path.relpath(last[0].resolve(), folder)} if last else {})}
+
+        def resumable(folder: Path) -> Optional[str]:
+            last = last_checkpoint(folder)
+            return str(last[0].resolve()) if last else None
+        return Stage(name, [start] if start else [], run, self.settings(kind, kind), resumable)
 
     def test(self, name: str, recipe: str, fitted: str, context: bool) -> Stage:
-        def run(folder: Path, needs: dict) -> dict:
+        def run(folder: Path, needs: dict, resume: bool = False) -> dict:
             self.cli("test", recipe, "test", folder, output(needs[fitted], "model"),
                      f"--data.contextualize={str(context).lower()}")
             return {"metrics": written(folder, f"{LOGS}/test_metrics.json")}
@@ -102,27 +110,33 @@ class Steps:
         flags = {"true": ["--data.contextualize=true"], "none": ["--data.contextualize=false"],
                  "random": ["--data.contextualize=true", "--data.random_community=true"]}[conditioning]
 
-        def run(folder: Path, needs: dict) -> dict:
+        def run(folder: Path, needs: dict, resume: bool = False) -> dict:  # the writer keeps what was written
             self.cli("predict", "dpo", "predict", folder, output(needs[fitted], "model"), *flags,
                      f"--predictions.output_path={folder / 'predictions.jsonl'}")
             return {"predictions": written(folder, "predictions.jsonl")}
-        return Stage(name, [fitted], run, self.settings("dpo", "predict"))
 
-    def make_judge(self, reward_model: str) -> judging.Judge:
+        def resumable(folder: Path) -> Optional[str]:
+            parts = sorted(folder.glob("predictions.jsonl.rank*.part"))
+            return f"the {sum(1 for p in parts for _ in open(p))} predictions written" if parts else None
+        return Stage(name, [fitted], run, self.settings("dpo", "predict"), resumable)
+
+    def make_judge(self, reward_model: str, store: Optional[Path] = None) -> judging.Judge:
+        """The study's judge; an LLM judge keeps its verdicts in ``store`` (shared by all judge stages,
+        outside their folders, so a redone stage and a rerun of the study reuse what was paid for)."""
         if self.s.judge == "llm":
             from personalm.evaluation.llm_judge import LLMJudge
 
             if self.s.llm is None:
                 raise ValueError("judge: llm needs an `llm:` section (base_url, model, api_key_env)")
             return LLMJudge(self.s.llm.base_url, self.s.llm.model, self.s.llm.api_key_env,
-                            max_calls=self.s.llm.max_calls, seed=self.s.seed)
+                            max_calls=self.s.llm.max_calls, seed=self.s.seed, store=store)
         from personalm.evaluation.reward_judge import RewardJudge
 
         return RewardJudge(reward_model, max_length=self.s.judge_max_length)
 
     def judge(self, name: str, a: str, b: str, name_a: str, name_b: str, reward: str) -> Stage:
-        def run(folder: Path, needs: dict) -> dict:
-            judge = self.make_judge(output(needs[reward], "model"))
+        def run(folder: Path, needs: dict, resume: bool = False) -> dict:
+            judge = self.make_judge(output(needs[reward], "model"), store=folder.parent / LLM_VERDICTS)
             result = judging.compare(output(needs[a], "predictions"), output(needs[b], "predictions"), judge,
                                      name_a=name_a, name_b=name_b, seed=self.s.seed, n_boot=self.s.n_boot)
             result["judge"] = {"kind": self.s.judge, **({"stats": judge.stats} if hasattr(judge, "stats") else {})}

@@ -1,8 +1,10 @@
 """Training: the LightningModules (SFT, DPO, reward model) on a shared base, their components (the DPO loss
-and log-probs, the reference and its precomputed cache, the NaN guard), sharded strategies (FSDP2) and the
-export command.
+and log-probs, the reference and its precomputed cache), the callbacks (throughput, NaN guard, checkpoints),
+resuming, sharded strategies (FSDP2) and the export command.
 
-Owns ``base`` (loading, optimizer, throughput, generation, export), ``nan_guard``, ``sft``, ``dpo_loss``,
-``reference``, ``reference_cache``, ``dpo``, ``reward``, ``sharding`` and ``export`` (``python -m personalm
-export``). May import ``personalm.paths``, ``models``, ``data`` and ``evaluation``; not the study.
+Owns ``base`` (loading, optimizer and schedule, export), ``callbacks`` (tokens/s, NaN guard), ``checkpoints``
+(step and time checkpoints, ``last.ckpt``), ``resume`` (RNG states, LoRA checkpoints, the schedule's length),
+``generation`` (``predict``), ``logprobs``, ``dpo_loss``, ``reference``, ``reference_cache``, ``sft``, ``dpo``,
+``reward``, ``sharding`` and ``export`` (``python -m personalm export``). May import ``personalm.paths``,
+``configs``, ``models``, ``data`` and ``evaluation``; not the CLI or the study.
 """

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from personalm.models import LoraSettings, add_lora, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
 from personalm.training.generation import GenerationSettings
+from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
 HALF = ("bfloat16", "float16")
@@ -104,15 +105,16 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """``validate``/``test``/``predict --ckpt_path`` of a LoRA run: the checkpoint holds adapter weights the
-        model was loaded without (outside ``fit`` no adapters are added); add them before the weights load."""
+        model was loaded without (outside ``fit`` no adapters are added): add them before the weights load.
+        Then the frozen weights a LoRA checkpoint leaves out, and the RNG states to restore."""
         lora = self.lora_settings
-        if lora is None or hasattr(self.model, "peft_config") or not any(
+        if lora is not None and not hasattr(self.model, "peft_config") and any(
                 "lora_" in k for k in checkpoint.get("state_dict", {})):
-            return
-        if is_sharded(self.model):
-            raise ValueError("a LoRA run's checkpoint outside fit under FSDP2: export it first "
-                             "(python -m personalm export --ckpt_path ...) and evaluate the export")
-        self.model = add_lora(self.model, lora, self.model_kind).to(self.device).requires_grad_(False)
+            if is_sharded(self.model):
+                raise ValueError("a LoRA run's checkpoint outside fit under FSDP2: export it first "
+                                 "(python -m personalm export --ckpt_path ...) and evaluate the export")
+            self.model = add_lora(self.model, lora, self.model_kind).to(self.device).requires_grad_(False)
+        restore_state(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
@@ -192,13 +194,21 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = planned_steps(self.trainer)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
         return [TokensPerSecond(), NonFiniteGuard()]
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_state(self, checkpoint)  # every RNG; a LoRA run keeps its trainable weights only
+
+    def on_train_start(self) -> None:
+        restore_rng(self)  # a resumed run draws the random numbers the killed run would have drawn next
 
     # -- export -----------------------------------------------------------------------------------
 

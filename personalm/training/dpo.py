@@ -135,10 +135,11 @@ class DPOModule(Generates, CausalLMModule):
     def _step(self, batch: dict, phase: str) -> PairLosses:
         out = self.pair_losses(batch, phase)
         if f"{phase}_true" in self.metrics:
-            self.metrics[f"{phase}_true"].update(batch["community"], *out.for_metrics)
+            self.metrics[f"{phase}_true"].update(batch["community"], **out.for_metrics, indices=batch["index"])
         for v in VARIANTS:  # evaluation only: the same pairs with no community / a wrong one
             if phase != "train" and v in batch and f"{phase}_{v}" in self.metrics:
-                self.metrics[f"{phase}_{v}"].update(batch["community"], *self.pair_losses(batch, phase, v).for_metrics)
+                self.metrics[f"{phase}_{v}"].update(batch["community"], **self.pair_losses(batch, phase, v).for_metrics,
+                                                    indices=batch["index"])
         return out
 
     def training_step(self, batch, batch_idx):

@@ -60,7 +60,7 @@ class PairLogps(NamedTuple):
 
 
 class PairLosses(NamedTuple):
-    """Per-pair results of a DPO step, [B] each. The first five are what ``PreferenceMetrics.update`` takes."""
+    """Per-pair results of a DPO step, [B] each."""
 
     losses: torch.Tensor
     chosen_rewards: torch.Tensor  # detached
@@ -70,8 +70,10 @@ class PairLosses(NamedTuple):
     chosen_mean_logps: torch.Tensor  # policy per-token means of the chosen responses, with their graph (RPO)
 
     @property
-    def for_metrics(self) -> tuple:
-        return self[:5]
+    def for_metrics(self) -> dict[str, torch.Tensor]:
+        """What ``PreferenceMetrics.update`` takes, by name."""
+        return {"losses": self.losses, "chosen_rewards": self.chosen_rewards, "rejected_rewards": self.rejected_rewards,
+                "chosen_logps": self.chosen_logps, "rejected_logps": self.rejected_logps}
 
 
 def pair_losses(policy: PairLogps, reference: PairLogps, beta: float, loss_type: str = "sigmoid",

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from personalm.configs import compose, merge
+from personalm.configs import arguments, compose, merge
 
 
 def load_hyperparameters(ckpt_path: Path) -> dict:
@@ -112,17 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser.add_argument("--config", action="append", default=[],
                         help="a run config (YAML): its model.init_args override the checkpoint's (repeatable)")
     args, rest = parser.parse_known_args(list(argv) if argv is not None else None)
-    settings = [f"--{key}={value}" for key, value in _pairs(rest)]
+    settings = [f"--{key}={value}" for key, value in arguments(rest)]
     for key in (s.split("=", 1)[0] for s in settings):
         if not key.startswith("--model.init_args."):
             parser.error(f"unknown argument {key} (only --model.init_args.<name> may override the checkpoint)")
     composed = compose(args.config, settings)
     return export_checkpoint(args.ckpt_path, args.output_dir, (composed.get("model") or {}).get("init_args") or {})
-
-
-def _pairs(rest: list[str]):
-    """``--a=b`` and ``--a b`` forms, without the leading dashes."""
-    it = iter(rest)
-    for token in it:
-        key, sep, value = token.partition("=")
-        yield key.lstrip("-"), value if sep else next(it, "")

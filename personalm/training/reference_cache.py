@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Subset
 from personalm.paths import cache_root, write_atomically
 from personalm.training.dpo_loss import PairLogps
 
+COLUMNS = len(PairLogps._fields)  # a row's reference log-probs: chosen/rejected sums and means
+
 
 class PrecomputedReference:
     """``tables[split][variant]``: the reference's ``PairLogps`` of every row of the split (CPU tensors)."""
@@ -60,7 +62,7 @@ class PrecomputedReference:
         else:
             tables = score_split(module, ds, variants)
             if trainer.is_global_zero:
-                stacked = {v: torch.stack(list(t), dim=1) for v, t in tables.items()}  # [rows, 4] on disk
+                stacked = {v: torch.stack(list(t), dim=1) for v, t in tables.items()}  # [rows, COLUMNS] on disk
                 write_atomically(path, lambda tmp: torch.save({"meta": meta, "logps": stacked}, tmp))
                 rank_zero_info(f"[personalm] reference log-probs for {len(ds)} {split} pairs cached in {path}")
             trainer.strategy.barrier()
@@ -90,9 +92,9 @@ def score_split(module, ds, variants: list[str]) -> dict[str, PairLogps]:
     all_index = module.all_gather(torch.tensor(mine, device=module.device)).reshape(-1).cpu()
     tables = {}
     for v in variants:
-        mine_values = torch.cat([torch.stack(list(p), dim=1) for p in parts[v]])  # [rows of this process, 4]
-        values = module.all_gather(mine_values).reshape(-1, 4).cpu()
-        table = torch.empty(len(ds), 4, dtype=torch.float32)
+        mine_values = torch.cat([torch.stack(list(p), dim=1) for p in parts[v]])  # [rows of this process, COLUMNS]
+        values = module.all_gather(mine_values).reshape(-1, COLUMNS).cpu()
+        table = torch.empty(len(ds), COLUMNS, dtype=torch.float32)
         table[all_index] = values.float()
         tables[v] = PairLogps(*table.unbind(1))
     return tables

@@ -59,7 +59,8 @@ class RewardModule(CausalLMModule):
         n = len(batch["community"])
         losses = bradley_terry_loss(r[:n], r[n:])
         if f"{phase}_true" in self.metrics:
-            self.metrics[f"{phase}_true"].update(batch["community"], losses, r[:n].detach(), r[n:].detach())
+            self.metrics[f"{phase}_true"].update(batch["community"], losses, r[:n].detach(), r[n:].detach(),
+                                                indices=batch["index"])
         return losses
 
     def training_step(self, batch, batch_idx):

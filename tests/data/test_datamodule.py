@@ -164,3 +164,21 @@ def test_prediction_prompts_are_the_training_prompts(rows, variants, small_compr
 def test_caps_of_zero_are_refused_at_start_up(name):
     with pytest.raises(ValueError, match=f"{name} must be at least 1"):
         ComPreDDataModule(**{name: 0})
+
+
+def test_the_tokenization_cache_key_follows_the_tokenizer(tokenizer, mistral_tokenizer, tmp_path):
+    """The same tokenizer loaded again: the same identity. Another vocabulary, or the same files with another
+    EOS token: another identity (a cached tokenization made with the first is not reused)."""
+    import json
+
+    from personalm.data.datamodule import tokenizer_identity
+    from personalm.models import load_tokenizer
+
+    assert tokenizer_identity(load_tokenizer("embedded:tiny-llama")) == tokenizer_identity(tokenizer)
+    assert tokenizer_identity(mistral_tokenizer) != tokenizer_identity(tokenizer)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert tokenizer_identity(load_tokenizer(str(tmp_path / "tok"))) == tokenizer_identity(tokenizer)  # a copy
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config["eos_token"] = config.get("bos_token") or "<s>"
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_identity(load_tokenizer(str(tmp_path / "tok"))) != tokenizer_identity(tokenizer)

@@ -54,6 +54,7 @@ class Scripted(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server: Scripted
+    extra_headers: dict = {}  # e.g. Location, for a redirect
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -67,8 +68,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self) -> None:  # what a followed 301/302/303 turns the POST into: recorded, refused
+        with self.server.lock:
+            self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+        self.send_response(405)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, *args) -> None:
         pass
@@ -248,3 +258,127 @@ def test_key_never_kept(server):
     judge.judge(items(3))
     for text in (repr(judge), str(judge), str(judge.stats), str(vars(judge))):
         assert KEY not in text
+
+
+# ------------------------------------------------------------------ refusals, the verdict store, the key
+
+
+def test_an_item_the_endpoint_refuses_is_a_failed_verdict_and_the_others_complete(server):
+    """A content filter's 400 on the second of three items: that item gets None (counted as refused, not
+    retried), the first and third are judged."""
+    server.reply((200, chat("A"), 0.0), (400, {"error": {"code": "content_filter"}}, 0.0))
+    judge, delays = make_judge(server)
+    verdicts = judge.judge(items(3))
+    assert verdicts[1] is None and verdicts[0] in ("A", "B") and verdicts[2] in ("A", "B")
+    assert judge.stats["refused"] == 1 and judge.stats["calls"] == 3 and delays == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_auth_and_not_found_abort_at_once(server, status):
+    server.reply((status, {"error": "no"}, 0.0))
+    judge, _ = make_judge(server)
+    with pytest.raises(LLMJudgeError, match=f"HTTP {status}"):
+        judge.judge(items(3))
+    assert len(server.requests) == 1
+
+
+def _judge_until_killed(base_url: str, store: str) -> None:
+    LLMJudge(base_url, "judge-model", api_key_env=ENV, timeout_s=30.0, store=store).judge(items(5))
+
+
+def test_a_rerun_after_a_kill_asks_only_for_the_missing_verdicts(server, tmp_path):
+    """A judging process is SIGKILLed while its third request is in flight (the server kills it before
+    answering). The rerun reads the two stored verdicts and calls for items 2, 3 and 4 only; the budget
+    counts the earlier run's three calls."""
+    import multiprocessing
+    import os
+    import signal
+
+    store = tmp_path / "verdicts.jsonl"
+    child = multiprocessing.get_context("spawn").Process(target=_judge_until_killed, args=(server.base_url, str(store)))
+
+    def kill_client(request):
+        os.kill(child.pid, signal.SIGKILL)
+        return 200, chat("A"), 0.5  # answered too late: the client is gone
+    server.reply(always("A"), always("B"), kill_client)
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL
+    first_run = len(server.requests)
+    lines = [json.loads(line) for line in store.read_text().splitlines()]
+    assert first_run == 3 and sum("call" in x for x in lines) == 3 and sum("verdict" in x for x in lines) == 2
+
+    judge, _ = make_judge(server, store=str(store), max_calls=6)
+    verdicts = judge.judge(items(5))
+    asked = [r["body"]["messages"][-1]["content"] for r in server.requests[first_run:]]
+    assert len(asked) == 3 and all(f"title {i}" in text for i, text in zip((2, 3, 4), asked))
+    assert judge.stats["reused"] == 2 and None not in verdicts
+    assert judge.stats["budget_exhausted"] is False  # 3 + 3 calls of 6
+
+    again, _ = make_judge(server, store=str(store), max_calls=6)
+    assert again.judge(items(5)) == verdicts and len(server.requests) == first_run + 3  # nothing asked again
+    more, _ = make_judge(server, store=str(store), max_calls=6)
+    assert more.judge(items(6))[5] is None and more.stats["budget_exhausted"]  # the 6 calls are spent
+
+
+def test_stored_verdicts_answer_only_the_same_item_and_settings(server, tmp_path):
+    """Another response text, another judge model: asked anew, not answered from the store."""
+    store = str(tmp_path / "verdicts.jsonl")
+    make_judge(server, store=store)[0].judge(items(2))
+    changed = [items(2)[0], Comparison("p1", "r/finance", "title 1", "body 1", "resp a 1", "another text")]
+    judge, _ = make_judge(server, store=store)
+    judge.judge(changed)
+    assert judge.stats["reused"] == 1 and len(server.requests) == 3
+    other = LLMJudge(server.base_url, "another-model", api_key_env=ENV, store=store)
+    other.judge(items(2))
+    assert other.stats["reused"] == 0 and len(server.requests) == 5
+
+
+def test_a_broken_store_line_is_named(server, tmp_path):
+    store = tmp_path / "verdicts.jsonl"
+    store.write_text('{"call": "k"}\n{"key": "k", "status": "ok", "verdict": "A"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"verdicts.jsonl, line 3"):
+        make_judge(server, store=str(store))[0].judge(items(1))
+
+
+@pytest.fixture
+def other_host():
+    """A second server on 127.0.0.2: another host, as far as the judge is concerned."""
+    srv = Scripted()
+    srv.server_close()
+    ThreadingHTTPServer.__init__(srv, ("127.0.0.2", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_other_host_never_sees_the_key(server, other_host, status):
+    target = f"http://127.0.0.2:{other_host.server_address[1]}/v1/chat/completions"
+    server.reply(lambda request: (status, {"redirect": target}, 0.0))
+    Handler.extra_headers = {"Location": target}
+    try:
+        judge, _ = make_judge(server)
+        try:
+            judge.judge(items(1))
+            error = None
+        except Exception as err:  # noqa: BLE001 - checked below, after what the other host received
+            error = err
+    finally:
+        Handler.extra_headers = {}
+    assert [r["headers"].get("Authorization") for r in other_host.requests] == []  # never reached
+    assert isinstance(error, LLMJudgeError), error
+    assert f"redirected (HTTP {status}) to another host" in str(error) and KEY not in str(error)
+
+
+@pytest.mark.parametrize("url, ok", [("http://example.com/v1", False), ("http://10.0.0.5:8000/v1", False),
+                                     ("https://example.com/v1", True), ("http://localhost:8000/v1", True),
+                                     ("http://127.0.0.1:8000/v1", True), ("http://[::1]:8000/v1", True)])
+def test_http_only_for_loopback(url, ok):
+    if ok:
+        LLMJudge(url, "m", api_key_env=ENV)
+    else:
+        with pytest.raises(ValueError, match="unencrypted"):
+            LLMJudge(url, "m", api_key_env=ENV)

@@ -139,13 +139,36 @@ def test_inputs_that_require_grad_are_accepted_and_detached():
     """Losses straight from the training step (requires_grad) can be logged; the state holds no graph."""
     metric = PreferenceMetrics(COMMUNITIES)
     metric.update(*_args(PAIRS, requires_grad=True))
-    assert not metric.sums.requires_grad and not metric.counts.requires_grad
+    assert not any(v.requires_grad for v in metric.values)
     _check(metric.compute(), EXPECTED)
+
+
+def test_a_repeated_row_counts_once():
+    """The five pairs with row indices 0-4, then pair 0 and pair 1 again under their indices (what a
+    distributed sampler's padding does): the figures of the module docstring. Counted twice they would
+    give e.g. loss (4.0 + 0.5 + 1.5) / 7 = 0.857 and r_a accuracy 2/4 with 4 pairs. Without indices
+    every update counts (a caller that has no row index)."""
+    metric = PreferenceMetrics(COMMUNITIES)
+    metric.update(*_args(PAIRS), indices=torch.arange(5))
+    metric.update(*_args(PAIRS[:2]), indices=torch.tensor([0, 1]))
+    _check(metric.compute(), EXPECTED)
+
+    unindexed = PreferenceMetrics(COMMUNITIES)
+    unindexed.update(*_args(PAIRS))
+    unindexed.update(*_args(PAIRS[:2]))
+    assert_close(unindexed.compute()["loss"], 6.0 / 7)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_nothing_seen_gives_zeros_and_no_community():
+    out = PreferenceMetrics(COMMUNITIES).compute()
+    assert out == {name: 0.0 for name in PAIR_METRICS}
 
 
 # -------------------------------------------------------------------------------------------- DDP
 
-RANK_PAIRS = {0: [PAIRS[0], PAIRS[2], PAIRS[3]], 1: [PAIRS[1], PAIRS[4]]}
+# row indices as a padded DistributedSampler deals them (5 rows, 2 processes): rank 1 gets row 0 again
+RANK_ROWS = {0: [0, 2, 3], 1: [1, 4, 0]}
 
 
 def _free_port() -> int:
@@ -163,7 +186,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         metric = PreferenceMetrics(COMMUNITIES)
-        metric.update(*_args(RANK_PAIRS[rank]))
+        metric.update(*_args([PAIRS[i] for i in RANK_ROWS[rank]]), indices=torch.tensor(RANK_ROWS[rank]))
         result = metric.compute()
         dist.barrier()
     finally:
@@ -174,8 +197,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_sync_gives_the_union_of_both_ranks(tmp_path):
-    """Rank 0 updates with pairs 0, 2, 3 (a, b, c); rank 1 with pairs 1, 4 (a, c). Both ranks must get
-    the figures of all five pairs (module docstring), not a mean of per-rank means: that would give
+    """Rank 0 updates with pairs 0, 2, 3 (a, b, c); rank 1 with pairs 1, 4 (a, c) and pair 0 again, the
+    sampler's padding. Both ranks must get the figures of the five pairs (module docstring), each once (the
+    repeat would give loss 6.0 / 7 = 0.857), not a mean of per-rank means: that would give
     loss ((0.5 + 0.25 + 1.0) / 3 + (1.5 + 0.75) / 2) / 2 = (0.5833 + 1.125) / 2 = 0.854 instead of 0.8,
     accuracy (2/3 + 1/2) / 2 = 0.583 instead of 0.6, and a per-rank worst of 0 (rank 0: c is a tie;
     rank 1: a lost) instead of 0.5.

@@ -2,11 +2,15 @@
 (and only what depends on it), a failed stage leaves nothing a rerun would trust."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from personalm import study
+from tests.helpers import kill_at, step_scalars
 
 pytestmark = pytest.mark.slow  # every test here runs the study end to end (CI runs them too)
 
@@ -14,10 +18,14 @@ TINY = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.lim
         "--trainer.limit_predict_batches=1", "--model.init_args.generation.max_new_tokens=4"]
 
 
-def run(root: Path, data: Path, dpo_args=(), n_boot: int = 50) -> dict:
+def study_args(root: Path, data: Path, dpo_args=(), n_boot: int = 50) -> list[str]:
     args = {"all": TINY, "dpo": list(dpo_args)}
-    return study.main(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={root}",
-                       f"--dataset={data}", "--progress=false", f"--n_boot={n_boot}", f"--args={json.dumps(args)}"])
+    return ["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={root}", f"--dataset={data}",
+            "--progress=false", f"--n_boot={n_boot}", f"--args={json.dumps(args)}"]
+
+
+def run(root: Path, data: Path, dpo_args=(), n_boot: int = 50) -> dict:
+    return study.main(study_args(root, data, dpo_args, n_boot))
 
 
 def ran(capsys) -> list[str]:
@@ -87,3 +95,32 @@ def test_isolated_stage_runs_the_cli_in_its_own_process(small_compred, tmp_path)
     done = study.run_stage(tmp_path, stage, {})
     assert done["outputs"]["model"] == "lightning_logs/version_0/hf_model"
     assert (tmp_path / stage.name / done["outputs"]["model"] / "config.json").is_file()
+
+
+def test_a_study_killed_during_dpo_resumes_that_stage_from_its_checkpoint(small_compred, tmp_path, capsys):
+    """The study process is SIGKILLed at step 3 of the first DPO stage (checkpoints every 2 steps). Rerun with
+    the same settings, it skips the finished SFT stages, resumes DPO from step 2 in the same run folder
+    (logs go on there) and finishes the study with the outputs an uninterrupted stage has."""
+    marker = tmp_path / "killed-once"  # the kill happens in the first run only; the arguments stay the same
+    dpo = ["--trainer.max_steps=6", "--checkpoints.every_n_steps=2", kill_at(3, once=marker)]
+    root = tmp_path / "study"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-m", "personalm.study", *study_args(root, small_compred, dpo)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9 and marker.exists(), killed.stdout[-3000:] + killed.stderr[-3000:]
+    stage = root / "dpo_context"
+    assert not (stage / "done.json").exists()
+    assert (stage / "lightning_logs/version_0/checkpoints/last.ckpt").resolve().name == "step=2.ckpt"
+
+    capsys.readouterr()
+    done = run(root, small_compred, dpo)
+    out = capsys.readouterr().out
+    assert f"[study] === dpo_context === resuming from {stage.resolve()}/lightning_logs/version_0/checkpoints/" \
+           "step=2.ckpt" in out, out[-3000:]
+    assert [line for line in out.splitlines() if "dpo_context" in line and "resuming" in line]
+    assert "[study] sft_context: done, skipped" in out
+    assert done["dpo_context"]["outputs"] == {"model": "lightning_logs/version_0/hf_model",
+                                              "logs": "lightning_logs/version_0",
+                                              "checkpoint": "lightning_logs/version_0/checkpoints/step=6.ckpt"}
+    assert sorted(step_scalars(stage / "lightning_logs/version_0")["train/loss"]) == [0, 1, 2, 3, 4, 5]  # steps 1-6
+    assert (root / "report" / "report.md").is_file() and not (root / "dpo_context.stale").exists()

@@ -27,7 +27,7 @@ def test_non_finite_step_stops_training_names_step_and_posts_and_exports_nothing
     log_dir = next((tmp_path / "lightning_logs").iterdir())
     assert not (log_dir / "hf_model").exists(), "a model was exported after a non-finite step"
     ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))
-    assert [c.name for c in ckpts] == ["epoch=0-step=2.ckpt"], ckpts  # the last good checkpoint stays
+    assert [c.name for c in ckpts] == ["best-step=2.ckpt"], ckpts  # the last good checkpoint stays
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.isfinite(t).all() for t in state.values())
 
@@ -65,7 +65,7 @@ def test_a_checkpoint_written_before_the_move_still_loads(sft_run, small_compred
     from personalm.training.generation import GenerationSettings
 
     cli, _ = sft_run
-    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     old = torch.load(ckpt, map_location="cpu", weights_only=False)
     old["hyper_parameters"]["generation"] = GenerationSettings(max_new_tokens=7)
     moved = {GenerationSettings: "personalm.lm_module", LoraSettings: "personalm.models"}

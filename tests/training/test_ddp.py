@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import DEMO, scalars
+from tests.helpers import DEMO, DEMO_REWARD, quiet, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,8 @@ def test_sft_fit_with_ddp_on_two_cpu_processes(small_compred, tmp_path):
     versions = list((tmp_path / "lightning_logs").iterdir())
     assert len(versions) == 1, versions  # one logger (rank 0), not one per process
     log_dir = versions[0]
-    ckpts = list((log_dir / "checkpoints").glob("*.ckpt"))
-    assert len(ckpts) == 1 and "step=12" in ckpts[0].name, ckpts
+    assert (log_dir / "checkpoints" / "last.ckpt").resolve().name == "step=12.ckpt"  # one set, not one per process
+    assert len(list((log_dir / "checkpoints").glob("step=*.ckpt"))) == 1
     found = scalars(log_dir)
     assert len(found["val/loss"]) == 2 and len(found["train/loss"]) >= 3, found.keys()
     assert (log_dir / "hf_model" / "config.json").is_file()
@@ -48,3 +48,25 @@ def test_nan_on_one_process_stops_both_without_hanging(small_compred, tmp_path):
     assert re.search(r"\[rank1\]: \S*NonFiniteError: a non-finite loss on this process at step 2", out), out[-3000:]
     assert re.search(r"\[rank0\]: \S*NonFiniteError: a non-finite gradient on this process at step 2", out), out[-3000:]
     assert not list(tmp_path.rglob("hf_model"))
+
+
+def test_validation_counts_each_row_once_with_two_processes(reward_run, train_compred, tmp_path):
+    """13 validation pairs on 2 processes: the sampler gives each 7, repeating one pair. The per-community
+    figures (reward accuracy, loss, margins) equal a one-process run's: the repeat is not counted."""
+    from personalm.cli import main
+
+    fit, _ = reward_run
+    common = [*DEMO_REWARD, f"--model.init_args.model_name_or_path={fit.model.export_path}",
+              f"--data.dataset={train_compred}", "--data.max_eval_pairs=13", "--data.eval_batch_size=4"]
+    one = main(["validate", *common, *quiet(tmp_path / "one")])
+    assert len(one.datamodule.splits["validation_pref"]) == 13
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "personalm", "validate", *common, *quiet(tmp_path / "two"),
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, double = (scalars(next((tmp_path / run / "lightning_logs").iterdir())) for run in ("one", "two"))
+    per_community = sorted(k for k in single if "/r_" in k)
+    assert len(per_community) >= 10 and set(single) == set(double), (sorted(single), sorted(double))
+    for key in single:
+        assert double[key] == pytest.approx(single[key], abs=1e-5), key

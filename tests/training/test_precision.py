@@ -68,8 +68,11 @@ def assert_trained_in_fp32(mixed: ChangedWeights, control: ChangedWeights) -> No
     need = {n: 0.9 if c >= 0.9 else 0.9 * c for n, c in control.changed.items()}
     stuck = {n: (round(c, 3), round(control.changed[n], 3)) for n, c in mixed.changed.items() if c < need[n]}
     assert not stuck, f"tensors that moved less than they do in fp32 (bf16-mixed, fp32): {stuck}"
-    weak = {n: c for n, c in control.changed.items() if c < 0.9 and "lora_A" not in n}
-    assert not weak, f"only LoRA's A matrices may change under 90% of their elements, even in fp32: {weak}"
+    # The premise, on the fp32 run alone: the setting moves (nearly) every element, so "90% of what fp32
+    # changes" is a real bar. Measured: a norm weight can stay under 90% even in fp32 with some data orders
+    # (0.898 for a post_attention_layernorm: elements whose gradients stay below Adam's eps); bf16: ~0.2%.
+    weak = {n: c for n, c in control.changed.items() if c < 0.8 and "lora_A" not in n}
+    assert not weak, f"only LoRA's A matrices may change under 80% of their elements, even in fp32: {weak}"
 
 
 @pytest.mark.parametrize("how", ["lora_adapters_off", "full"])
@@ -172,7 +175,7 @@ def test_a_16_bit_checkpoint_loaded_as_saved_needs_mixed_precision(small_compred
 def test_a_lora_runs_checkpoint_loads_for_test(lora_dpo, small_compred, tmp_path):
     """``test --ckpt_path`` of a LoRA run rebuilds the adapters the checkpoint holds."""
     cli, _ = lora_dpo
-    (ckpt,) = (Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt")
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     t = main(["test", *DEMO_DPO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               "--data.subset=finance", f"--model.init_args.model_name_or_path={cli.model.hparams.model_name_or_path}",
               LORA, "--model.init_args.reference=adapters_off", "--trainer.limit_test_batches=1",

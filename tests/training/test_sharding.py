@@ -66,7 +66,7 @@ def start_weights():
 
 def assert_sharded_checkpoint(log_dir: Path) -> Path:
     """Each process saved only its shard: a folder of one .distcp file per process, none holding it all."""
-    (ckpt,) = (log_dir / "checkpoints").iterdir()
+    ckpt = (log_dir / "checkpoints" / "last.ckpt").resolve()
     assert ckpt.is_dir(), f"{ckpt} is one consolidated file, not a sharded checkpoint"
     shards = sorted(p.name for p in ckpt.glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
@@ -160,7 +160,7 @@ def test_fsdp2_lora_dpo_adapters_off_precomputed_in_bf16_mixed(small_compred, tm
     assert max(float((exported[k] - start_weights[k]).abs().max()) for k in exported) > 1e-4
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and validation, scored once
     # the export command, as a user runs it, on the sharded checkpoint of this LoRA DPO run
-    (ckpt,) = (run / "checkpoints").iterdir()
+    ckpt = (run / "checkpoints" / "last.ckpt").resolve()
     proc = subprocess.run([sys.executable, "-m", "personalm", "export", "--ckpt_path", str(ckpt)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
