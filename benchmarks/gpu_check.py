@@ -276,6 +276,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-full", action="store_true", help="no full fine-tuning run (FSDP2)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--epoch-pairs", type=int, default=None,
+                        help="then benchmarks/epoch_vs_trl.py, one epoch of this many pairs per run, in the run's "
+                             "precision (default: 256 on a GPU; none on a CPU, where that script runs by itself)")
     args = parser.parse_args(argv)
 
     import torch
@@ -325,6 +328,13 @@ def main(argv=None) -> dict:
         results["personalm DPO, full fine-tuning, FSDP2"] = m.result(n_params, True, peak)
 
     report(results, device, args, n_params, time.perf_counter() - began, peak)
+    pairs = args.epoch_pairs if args.epoch_pairs is not None else (256 if cuda else 0)
+    if pairs:  # the per-epoch comparison with trl (personalm's packed, prefix-shared rows), in this precision
+        import epoch_vs_trl
+
+        print(f"\n[gpu_check] one epoch against trl: benchmarks/epoch_vs_trl.py --pairs {pairs} --precision "
+              f"{args.precision}", flush=True)
+        results["epoch_vs_trl"] = epoch_vs_trl.main(["--pairs", str(pairs), "--precision", args.precision])
     (out / "gpu_check.json").write_text(json.dumps({"device": device, "size": args.size, "parameters": n_params,
                                                     "results": results}, indent=2))
     return results

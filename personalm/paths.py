@@ -5,6 +5,7 @@ The lowest layer: imports nothing of personalm.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -67,3 +68,8 @@ def replace_dir(finished: PathLike, target: PathLike) -> None:
 
 def write_text(path: PathLike, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: PathLike, data) -> None:
+    """``data`` as indented, strict JSON (no NaN: other tools refuse it), written atomically."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

@@ -29,3 +29,22 @@ def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
         assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["changed"] > 0.3, (name, r)
         if "DPO" in name:
             assert abs(r["first_loss"] - 0.6931) < 2e-3, (name, r)
+
+
+@pytest.mark.slow
+def test_epoch_benchmark_small_setting_trains_the_same_curve_as_trl(tmp_path):
+    """``benchmarks/epoch_vs_trl.py`` on a few demo pairs: both sides run the epoch, and their per-step DPO losses
+    agree (the same work is compared); without trl the personalm run alone comes out."""
+    pytest.importorskip("trl")
+    out = tmp_path / "epoch.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "epoch_vs_trl.py"), "--models", "embedded",
+                           "--shapes", "demo", "--pairs", "8", "--batch", "4", "--runs", "personalm DPO,trl DPO",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| personalm DPO |" in proc.stdout and "epoch x" in proc.stdout
+    runs = json.loads(out.read_text())["embedded/demo"]
+    ours, theirs = runs["personalm DPO"], runs["trl DPO"]
+    assert ours["steps"] == theirs["steps"] == 2 and ours["pairs"] == 8
+    assert abs(ours["losses"][0] - 0.6931) < 1e-3
+    assert max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])) < 1e-4

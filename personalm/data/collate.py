@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from personalm.data.encoding import IGNORE_INDEX
+from personalm.data.packing import pack_examples, pack_pairs
 
 
 def _require(rows: Sequence[dict], keys: Sequence[str], what: str) -> None:
@@ -46,27 +47,40 @@ def _post_ids(rows: Sequence[dict]) -> list:
     return [r.get("post_id") for r in rows]
 
 
-def collate_sft(rows: Sequence[dict], pad_id: int) -> dict:
+def collate_sft(rows: Sequence[dict], pad_id: int, pack: bool = False, pack_tokens: Optional[int] = None) -> dict:
+    """Padded rows; with ``pack``, also the same examples packed (``batch["packed"]``, see
+    ``personalm.data.packing``)."""
     _require(rows, ("prompt_ids", "chosen_ids", "community"), "collate_sft")
     batch = sequences([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id)
+    if pack:
+        batch["packed"] = pack_examples([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id,
+                                        pack_tokens)
     batch["community"] = [r["community"] for r in rows]
     batch["post_id"] = _post_ids(rows)
     return batch
 
 
-def collate_preference(rows: Sequence[dict], pad_id: int) -> dict:
-    """Chosen rows then rejected rows in one batch of 2B sequences, so one forward pass scores both."""
+def _pairs(prompts: list, rows: Sequence[dict], pad_id: int, share: bool, pack_tokens: Optional[int]) -> dict:
+    chosen, rejected = [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]
+    batch = sequences(prompts * 2, chosen + rejected, pad_id)
+    if share:
+        batch["packed"] = pack_pairs(prompts, chosen, rejected, pad_id, pack_tokens)
+    return batch
+
+
+def collate_preference(rows: Sequence[dict], pad_id: int, prefix_sharing: bool = False,
+                       pack_tokens: Optional[int] = None) -> dict:
+    """Chosen rows then rejected rows in one batch of 2B sequences, so one forward pass scores both; with
+    ``prefix_sharing``, also one ``[prompt | chosen | rejected]`` span per pair, packed (``batch["packed"]``)."""
     _require(rows, ("prompt_ids", "chosen_ids", "rejected_ids", "community", "index"), "collate_preference")
-    prompts = [r["prompt_ids"] for r in rows] * 2
-    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    batch = sequences(prompts, responses, pad_id)
+    batch = _pairs([r["prompt_ids"] for r in rows], rows, pad_id, prefix_sharing, pack_tokens)
     batch["community"] = [r["community"] for r in rows]
     batch["post_id"] = _post_ids(rows)
     batch["index"] = torch.tensor([r["index"] for r in rows])
     for extra in ("none_prompt_ids", "random_prompt_ids"):  # conditioning-sensitivity variants
         if extra in rows[0]:
-            batch[extra.replace("_prompt_ids", "")] = sequences(
-                [r[extra] for r in rows] * 2, responses, pad_id)
+            batch[extra.replace("_prompt_ids", "")] = _pairs([r[extra] for r in rows], rows, pad_id, prefix_sharing,
+                                                             pack_tokens)
     return batch
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from personalm.data import compred, encoding, pairs, prompt, synthetic
+from personalm.data.batching import by_length
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
 from personalm.data.encoding import encode_batch, prompt_budget
 from personalm.data.prompt import community_string, random_other_community
@@ -63,6 +64,14 @@ class ComPreDDataModule(L.LightningDataModule):
         batch_size: training batch size (pairs for preference rows).
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers (0 is fastest for the tiny demo on CPU).
+        prefix_sharing: preference batches also carry each pair as one ``[prompt | chosen | rejected]``
+            span, the spans packed into rows (``personalm.data.packing``): the post runs through the
+            model once per pair. A batch stays ``batch_size`` pairs. False: two padded rows per pair.
+        pack_sft: SFT batches also carry their examples packed into rows (attention within each example).
+        pack_tokens: token budget of a packed row (default: the batch's longest span, so no row is wider
+            than that span; larger packs more spans per row, at attention's quadratic cost).
+        group_by_length: validation/test/predict rows in order of decreasing length, so batches are not
+            padded to an outlier (metrics and predictions are keyed by row, so the order is free).
         seed: subsampling, caps and random communities.
         cache_dir: ``datasets`` cache folder (default: the Hugging Face cache).
     """
@@ -87,6 +96,10 @@ class ComPreDDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: Optional[str] = None,
+        prefix_sharing: bool = True,
+        pack_sft: bool = True,
+        pack_tokens: Optional[int] = None,
+        group_by_length: bool = True,
     ):
         super().__init__()
         if not isinstance(contextualize, bool) or not isinstance(random_community, bool):
@@ -234,9 +247,10 @@ class ComPreDDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         if split == compred.PROMPT_SPLIT:
             return partial(collate_prompts, pad_id=pad)
-        if self.hparams.rows == "preference":
-            return partial(collate_preference, pad_id=pad)
-        return partial(collate_sft, pad_id=pad)
+        hp = self.hparams
+        if hp.rows == "preference":
+            return partial(collate_preference, pad_id=pad, prefix_sharing=hp.prefix_sharing, pack_tokens=hp.pack_tokens)
+        return partial(collate_sft, pad_id=pad, pack=hp.pack_sft, pack_tokens=hp.pack_tokens)
 
     @property
     def eval_batch_size(self) -> int:
@@ -245,8 +259,9 @@ class ComPreDDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if split not in self.splits:
             self.splits[split] = self.prepare_split(split)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=self.collate_fn(split), num_workers=self.hparams.num_workers)
+        ds = by_length(self.splits[split]) if self.hparams.group_by_length and not shuffle else self.splits[split]
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn(split),
+                          num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
         """A ``StatefulDataLoader`` (its position in the epoch is saved in checkpoints, so a resumed run goes

@@ -191,15 +191,6 @@ def compare(path_a: PathLike, path_b: PathLike, judge: Judge, *, name_a: str = "
             "seed": seed, "n_boot": n_boot}
 
 
-def write_json(result: dict, path: PathLike) -> None:
-    """Write ``result`` as indented, strict JSON (no NaN), atomically."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-    write_atomically(path, write, ".json")
-
-
 def plot_win_rates(results: Sequence[dict], path: PathLike, title: Optional[str] = None) -> None:
     """One PNG: per-community (and overall) win rates with 95% CI bars, one bar per comparison in ``results``."""
     import matplotlib

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from personalm.paths import write_text
+from personalm.paths import write_json
 
 STARTED = "started.json"  # written when a stage starts: the settings and inputs it runs from
 
@@ -30,10 +30,6 @@ class Stage:
     run: Callable[..., dict]  # (its folder, done markers of its needs, resume=bool) -> outputs {key: relative path}
     settings: dict = field(default_factory=dict)  # what else its result depends on (config, args, judge)
     resumable: Optional[Callable[[Path], Optional[str]]] = None  # what an interrupted run left to go on from
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2))
 
 
 def is_done(folder: Path, inputs: dict) -> Optional[dict]:

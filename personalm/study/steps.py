@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
+from personalm.paths import write_json
 from personalm.study.runner import Stage, output, written
 from personalm.training.checkpoints import last_checkpoint
 
@@ -140,7 +141,7 @@ class Steps:
             result = judging.compare(output(needs[a], "predictions"), output(needs[b], "predictions"), judge,
                                      name_a=name_a, name_b=name_b, seed=self.s.seed, n_boot=self.s.n_boot)
             result["judge"] = {"kind": self.s.judge, **({"stats": judge.stats} if hasattr(judge, "stats") else {})}
-            judging.write_json(result, folder / "judge.json")
+            write_json(folder / "judge.json", result)
             print(judging.format_table(result), flush=True)
             return {"result": "judge.json"}
         return Stage(name, [a, b, reward], run, self.judge_settings())

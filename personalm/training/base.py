@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from personalm.models import LoraSettings, add_lora, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
 from personalm.training.generation import GenerationSettings
+from personalm.training.logprobs import head_is_plain, takes_4d_mask
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
@@ -48,6 +49,9 @@ class CausalLMModule(L.LightningModule):
         export_dir: where ``fit`` saves the trained model in Hugging Face format
             (default ``<log_dir>/hf_model``; ``""`` disables the export).
         generation: decoding settings for ``predict``.
+        logprob_chunk: response positions per chunk of the LM head when scoring log-probs (SFT and DPO):
+            the logits of one chunk at a time, recomputed in backward, never ``[tokens, vocab]`` at once.
+            None: the head over all positions at once (the old path, also for packed rows).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         export_dir: Optional[str] = None,
         generation: GenerationSettings = GenerationSettings(),
+        logprob_chunk: Optional[int] = 1024,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -73,6 +78,11 @@ class CausalLMModule(L.LightningModule):
                 self.hparams[key] = asdict(value) if is_dataclass(value) else dict(vars(value))
         self.model = None
         self.tokenizer = None
+
+    @property
+    def packs(self) -> bool:
+        """Packed rows of a batch (``batch["packed"]``) are what this model runs (a plain head, a 4D mask)."""
+        return self.model is not None and head_is_plain(self.model) and takes_4d_mask(self.model)
 
     @property
     def lora_settings(self) -> Optional[LoraSettings]:

@@ -14,16 +14,17 @@ class NonFiniteError(RuntimeError):
 
 
 class TokensPerSecond(Callback):
-    """``train/tokens_per_sec`` of this process: non-padding tokens of a batch over the wall time of its
-    forward, backward and optimizer step."""
+    """``train/tokens_per_sec`` of this process: the tokens a batch runs through the model (no padding; with
+    packed rows each prompt once per pair) over the wall time of its forward, backward and optimizer step."""
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self._start
-        module.log("train/tokens_per_sec", float(batch["attention_mask"].sum()) / max(seconds, 1e-9), on_step=True,
-                   on_epoch=False)
+        packed = batch.get("packed") if getattr(module, "packs", False) else None
+        tokens = packed["tokens"] if packed is not None else float(batch["attention_mask"].sum())
+        module.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), on_step=True, on_epoch=False)
 
 
 class NonFiniteGuard(Callback):

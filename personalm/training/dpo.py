@@ -9,20 +9,19 @@ from typing import Literal, Optional
 from torch import nn
 
 from personalm.data.compred import SPLIT_OF_PHASE
-from personalm.evaluation.metrics import add_phase_metrics, log_phase_metrics, write_test_metrics
 from personalm.models import resolve
 from personalm.training.base import CausalLMModule
 from personalm.training.dpo_loss import PairLogps, PairLosses, check_dpo_args, pair_losses
 from personalm.training.generation import Generates
-from personalm.training.logprobs import model_logprobs
-from personalm.training.reference import TRAINED_AGAINST, Reference, disable_dropout, rng_untouched
+from personalm.training.logprobs import sequence_logps
+from personalm.training.phase_metrics import PhaseMetricsHooks
+from personalm.training.reference import TRAINED_AGAINST, Reference, disable_dropout
 from personalm.training.reference_cache import PrecomputedReference
-from personalm.training.sharding import initialize, is_sharded
 
 VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
 
 
-class DPOModule(Generates, CausalLMModule):
+class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
     """Direct Preference Optimization on ``ComPreDDataModule(rows="preference")`` batches.
 
     Args:
@@ -44,6 +43,9 @@ class DPOModule(Generates, CausalLMModule):
         disable_dropout: dropout off in policy and reference (recommended for DPO).
         Other arguments: see ``CausalLMModule`` (paper's DPO: lr 2e-7, cosine, 1000 warmup steps).
     """
+
+    metric_variants = VARIANTS
+    train_overall_per_step = True  # train/loss, rewards and log-probs are logged every step
 
     def __init__(
         self,
@@ -93,7 +95,7 @@ class DPOModule(Generates, CausalLMModule):
         hp = self.hparams
         seqs = batch if variant is None else batch[variant]
         n = len(batch["community"])
-        policy = PairLogps.from_sequences(model_logprobs(self.model, seqs), n)
+        policy = PairLogps.from_sequences(sequence_logps(self.model, seqs, hp.logprob_chunk), n)
         ref = self.precomputed.lookup(SPLIT_OF_PHASE[phase], variant or "true", batch["index"], self.device)
         if ref is None:
             ref = PairLogps.from_sequences(self.reference.logprobs(seqs), n)
@@ -101,30 +103,12 @@ class DPOModule(Generates, CausalLMModule):
 
     # -- Lightning hooks ----------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is not None and hasattr(dm, "splits"):
-            add_phase_metrics(self.metrics, dm.splits, VARIANTS)
-
     def _precompute(self, phases) -> None:
-        """Score each phase's split with the reference once (or read its cache), then free the reference."""
-        if not self.hparams.precompute_reference:
-            return
-        if self.reference.adapters_off and is_sharded(self.model):
-            initialize(self.model)  # before a forward that leaves the adapters out
-        splits = getattr(self.trainer.datamodule, "splits", {})
-        with rng_untouched(self.device):  # the scoring DataLoader draws a seed from the global RNG
-            for split in (SPLIT_OF_PHASE[p] for p in phases if SPLIT_OF_PHASE[p] in splits):
-                variants = ["true"] + [v for v in VARIANTS if f"{v}_prompt_ids" in splits[split].column_names]
-                if not self.reference.adapters_off:
-                    _ = self.reference.model  # loaded on first use, its fingerprint taken before any sharding
-                self.precomputed.ensure(self, split, variants, self.reference.fingerprint)
-        if self.reference.loaded:
-            self.reference.free()
+        if self.hparams.precompute_reference:
+            self.precomputed.prepare(self, phases, VARIANTS)
 
-    def on_fit_start(self) -> None:
-        self._precompute(["train", "val"])
+    def on_fit_start(self) -> None:  # validation's too while the reference is loaded, unless there is none
+        self._precompute(["train"] if self.trainer.limit_val_batches == 0 else ["train", "val"])
 
     def on_validation_start(self) -> None:
         self._precompute(["val"])
@@ -159,21 +143,6 @@ class DPOModule(Generates, CausalLMModule):
                        "train/logps/rejected": out.rejected_logps.mean()},
                       batch_size=n)
         return loss
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self) -> None:
-        log_phase_metrics(self, "train", skip_overall=True)  # overall train figures are logged every step
-
-    def on_validation_epoch_end(self) -> None:
-        log_phase_metrics(self, "val")
-
-    def on_test_epoch_end(self) -> None:
-        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_phase_metrics(self, "test"))
 
     def export_extras(self) -> dict:
         """Record next to the weights which reference they were trained against, so ``validate``/``test``

@@ -1,17 +1,27 @@
-"""Per-sequence log-probabilities of the labelled (response) tokens, from a model's logits. Pure functions.
+"""Per-sequence log-probabilities of the labelled (response) tokens. Pure functions.
 
 Computed from fp32 logits as gather minus logsumexp (never a ``[tokens, vocab]`` log-softmax tensor) and
-summed in fp32; only positions from the batch's earliest response on are asked of the model.
+summed in fp32. Two paths:
+
+- ``sequence_logps`` (the default): the model's final hidden states of a padded batch or of packed rows
+  (``personalm.data.packing``: prefix-shared DPO pairs, packed SFT examples, under a 4D attention mask),
+  gathered at the positions that predict a response token; the LM head is applied to those alone, chunk
+  by chunk, each chunk recomputed in backward, so ``[tokens, vocab]`` logits are never held.
+- ``model_logprobs`` (the old path, and the fallback for models that change their logits after the head or
+  whose attention takes no custom mask): the model's logits from the batch's earliest response on.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from personalm.data.encoding import IGNORE_INDEX
+from personalm.data.packing import attention_mask_4d, padded_targets
 
 
 class SequenceLogprobs(NamedTuple):
@@ -63,3 +73,125 @@ def model_logprobs(model: nn.Module, seqs: dict) -> SequenceLogprobs:
     logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
                    logits_to_keep=labels.size(1) - start).logits
     return sequence_logprobs(logits, labels[:, start:])
+
+
+# -------------------------------------------------------------------------- hidden states, chunked head
+
+MASKS = {"sdpa": None, "eager": torch.float32}  # attention implementations that take a 4D mask: its dtype
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+PLAIN_HEAD = "_personalm_plain_head"  # set on a model once its head was checked against its own logits
+
+
+def head_is_plain(model: nn.Module) -> bool:
+    """The logits are the output embedding of the final hidden states, nothing after. Gemma's soft-capping,
+    Cohere's and Granite's scales are in the config; other scalings inside a model's forward are caught by
+    ``sequence_logps``' first call, which compares the head's output with the model's own logits."""
+    base = _base(model)
+    config = getattr(base, "config", None)
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS):
+        return False
+    return getattr(base, PLAIN_HEAD, True)
+
+
+def takes_4d_mask(model: nn.Module) -> bool:
+    """One custom 4D mask describes every layer: SDPA or eager attention, all layers full attention (a 4D mask
+    reaches sliding-window layers without their window, and linear-attention or recurrent layers without
+    the spans' boundaries), no ALiBi bias built from a 2D mask."""
+    config = getattr(_base(model), "config", None)
+    if getattr(config, "_attn_implementation", None) not in MASKS:
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return not (getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"))
+
+
+def final_hidden_states(model: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """``[N, T, H]`` after the final norm: the decoder's output, caught by a hook while the model runs as a
+    whole (so peft's and FSDP's wrappers run their hooks), its head asked for one position only. The first
+    time for a model, that position's logits are compared with the head applied to the caught state: a
+    model that scales its logits inside its forward is marked (``head_is_plain`` then says no)."""
+    base = _base(model)
+    caught = []
+    handle = base.get_decoder().register_forward_hook(
+        lambda _m, _a, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=1, use_cache=False).logits
+    finally:
+        handle.remove()
+    hidden = caught[-1]
+    if not hasattr(base, PLAIN_HEAD):
+        with torch.no_grad():
+            mine = base.get_output_embeddings()(hidden[:, -1:]).float()
+        setattr(base, PLAIN_HEAD, bool(torch.allclose(mine, logits[:, -1:].float(), rtol=1e-3, atol=1e-3)))
+    return hidden
+
+
+def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:
+    """log p(target | hidden) per row of ``hidden`` [M, H], the head applied ``chunk`` rows at a time and
+    recomputed in backward (only the chunk's inputs are kept); ``chunk`` None or 0: in one piece."""
+    if not chunk or hidden.size(0) <= chunk:
+        return _token_logps(head, hidden, targets)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    return torch.cat([checkpoint(_token_logps, head, h, t, use_reentrant=False) if grad else _token_logps(head, h, t)
+                      for h, t in zip(hidden.split(chunk), targets.split(chunk))])
+
+
+def layout_logprobs(model: nn.Module, layout: dict, chunk: Optional[int]) -> SequenceLogprobs:
+    """Sequence log-probs of the ``target_*`` of a layout: packed rows (``group``/``branch``: a 4D mask) or
+    a padded batch (``attention_mask``)."""
+    if "group" in layout:
+        mask = attention_mask_4d(layout["group"], layout["branch"], MASKS[_base(model).config._attn_implementation])
+        hidden = final_hidden_states(model, layout["input_ids"], mask, layout["position_ids"])
+    else:
+        hidden = final_hidden_states(model, layout["input_ids"], layout["attention_mask"])
+    picked = hidden.reshape(-1, hidden.size(-1))[layout["target_source"]]
+    logps = token_logps(_base(model).get_output_embeddings(), picked, layout["target_ids"], chunk)
+    seq, n = layout["target_sequence"], layout["sequences"]
+    total = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, seq, logps.float())
+    count = torch.bincount(seq, minlength=n)
+    return SequenceLogprobs(total, total / count.clamp(min=1), count)
+
+
+_said = set()
+
+
+def _once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        rank_zero_info(message)
+
+
+def sequence_logps(model: nn.Module, seqs: dict, chunk: Optional[int] = 1024) -> SequenceLogprobs:
+    """Sequence log-probs of a padded batch (``input_ids``, ``attention_mask``, ``labels``) that may also
+    carry the same sequences packed (``seqs["packed"]``): packed rows where the model takes a 4D mask,
+    chunked head unless ``chunk`` is None; the old path where neither applies or the head is not plain."""
+    packed = seqs.get("packed")
+    if (packed is None and not chunk) or not head_is_plain(model):
+        if not head_is_plain(model):
+            _once("[personalm] this model transforms its logits after the head: packed rows and chunked "
+                  "log-probs are off (the model's own logits are used)")
+        return model_logprobs(model, seqs)
+    if packed is not None and takes_4d_mask(model):
+        out = layout_logprobs(model, packed, chunk)
+    else:
+        if packed is not None:
+            _once(f"[personalm] attention {_base(model).config._attn_implementation!r} or this model's layers "
+                  "(sliding windows, linear attention, ALiBi) take no custom 4D mask: packed rows are off")
+        out = layout_logprobs(model, {**seqs, **padded_targets(seqs["labels"], IGNORE_INDEX)}, chunk)
+    if not head_is_plain(model):  # found out on this first call: the model's own logits from now on
+        return sequence_logps(model, seqs, chunk)
+    return out

@@ -20,7 +20,7 @@ from torch import nn
 
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
 from personalm.paths import is_embedded
-from personalm.training.logprobs import SequenceLogprobs, model_logprobs
+from personalm.training.logprobs import SequenceLogprobs, sequence_logps
 from personalm.training.sharding import data_parallel_mesh, shard
 
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
@@ -148,13 +148,14 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(self, seqs: dict) -> SequenceLogprobs:
+        chunk = self.module.hparams.logprob_chunk
         if not self.adapters_off:
-            return model_logprobs(self.model, seqs)
+            return sequence_logps(self.model, seqs, chunk)
         policy = self.module.model
         was_training = policy.training
         policy.eval()
         with policy.disable_adapter():
-            out = model_logprobs(policy, seqs)
+            out = sequence_logps(policy, seqs, chunk)
         policy.train(was_training)
         return out
 

@@ -18,8 +18,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
+from personalm.data.compred import SPLIT_OF_PHASE
 from personalm.paths import cache_root, write_atomically
 from personalm.training.dpo_loss import PairLogps
+from personalm.training.reference import rng_untouched
+from personalm.training.sharding import initialize, is_sharded
 
 COLUMNS = len(PairLogps._fields)  # a row's reference log-probs: chosen/rejected sums and means
 
@@ -38,6 +41,22 @@ class PrecomputedReference:
             return None
         rows = index.cpu()
         return PairLogps(*(column[rows].to(device) for column in table))
+
+    def prepare(self, module, phases, variants) -> None:
+        """Every phase's split scored by ``module.reference`` once (or read from its cache), then the reference
+        freed; ``variants``: the conditioning variants a split may carry (scored where it does)."""
+        reference = module.reference
+        if reference.adapters_off and is_sharded(module.model):
+            initialize(module.model)  # before a forward that leaves the adapters out
+        splits = getattr(module.trainer.datamodule, "splits", {})
+        with rng_untouched(module.device):  # the scoring DataLoader draws a seed from the global RNG
+            for split in (SPLIT_OF_PHASE[p] for p in phases if SPLIT_OF_PHASE[p] in splits):
+                found = ["true"] + [v for v in variants if f"{v}_prompt_ids" in splits[split].column_names]
+                if not reference.adapters_off:
+                    _ = reference.model  # loaded on first use, its fingerprint taken before any sharding
+                self.ensure(module, split, found, reference.fingerprint)
+        if reference.loaded:
+            reference.free()
 
     def ensure(self, module, split: str, variants: list[str], fingerprint: str) -> None:
         """Read the split's cache, or score it (every process) and write it (the first); all processes

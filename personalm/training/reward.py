@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personalm.evaluation.metrics import add_phase_metrics, log_phase_metrics, write_test_metrics
 from personalm.models import load_reward_model
 from personalm.training.base import CausalLMModule
+from personalm.training.phase_metrics import PhaseMetricsHooks
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen.float() - rejected.float())
 
 
-class RewardModule(CausalLMModule):
+class RewardModule(PhaseMetricsHooks, CausalLMModule):
     """Bradley-Terry reward model on ``ComPreDDataModule(rows="preference")`` batches.
 
     ``model_name_or_path`` is a causal LM (its head is replaced by a new scalar head; starting from
@@ -33,10 +33,15 @@ class RewardModule(CausalLMModule):
     """
 
     model_kind = "reward"
+    metric_logps = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.metrics = nn.ModuleDict()
+
+    @property
+    def packs(self) -> bool:
+        return False  # rewards come from two padded rows per pair (the packed layout is for log-probs)
 
     def load_model(self):
         hp = self.hparams
@@ -47,12 +52,6 @@ class RewardModule(CausalLMModule):
     def rewards(self, seqs: dict) -> torch.Tensor:
         """One scalar per sequence (the head reads the last non-padding token)."""
         return self.model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, 0].float()
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is not None and hasattr(dm, "splits"):
-            add_phase_metrics(self.metrics, dm.splits, with_logps=False)
 
     def _step(self, batch: dict, phase: str) -> torch.Tensor:
         r = self.rewards(batch)
@@ -67,18 +66,3 @@ class RewardModule(CausalLMModule):
         loss = self._step(batch, "train").mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["community"]))
         return loss
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self) -> None:
-        log_phase_metrics(self, "train")
-
-    def on_validation_epoch_end(self) -> None:
-        log_phase_metrics(self, "val")
-
-    def on_test_epoch_end(self) -> None:
-        write_test_metrics(self.trainer, self.hparams.model_name_or_path, log_phase_metrics(self, "test"))

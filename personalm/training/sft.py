@@ -6,6 +6,7 @@ import torch
 
 from personalm.training.base import CausalLMModule
 from personalm.training.generation import Generates
+from personalm.training.logprobs import sequence_logps
 
 
 class SFTModule(Generates, CausalLMModule):
@@ -15,9 +16,13 @@ class SFTModule(Generates, CausalLMModule):
     """
 
     def model_step(self, batch) -> torch.Tensor:
-        # transformers shifts the labels and averages over the labelled (response) tokens, in fp32
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        """The mean over the batch's response tokens of -log p (fp32): from packed rows and a chunked head
+        (``personalm.training.logprobs.sequence_logps``), or, with neither, transformers' own loss."""
+        if "packed" not in batch and not self.hparams.logprob_chunk:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).loss
+        out = sequence_logps(self.model, batch, self.hparams.logprob_chunk)
+        return -out.sum.sum() / out.tokens.sum().clamp(min=1)
 
     def training_step(self, batch, batch_idx):
         loss = self.model_step(batch)

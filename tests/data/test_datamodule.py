@@ -28,7 +28,7 @@ def test_preference_rows_put_chosen_then_rejected(small_compred):
     assert "none" not in batch
     ds = d.splits["validation_pref"]
     for i, index in enumerate(batch["index"].tolist()):
-        row = ds[i]
+        row = ds[index]  # "index" is the row's position in the split (the loader's order is by length)
         assert row["index"] == index
         n_c = len(row["prompt_ids"]) + len(row["chosen_ids"])
         assert batch["input_ids"][i, :n_c].tolist() == row["prompt_ids"] + row["chosen_ids"]
@@ -182,3 +182,29 @@ def test_the_tokenization_cache_key_follows_the_tokenizer(tokenizer, mistral_tok
     config["eos_token"] = config.get("bos_token") or "<s>"
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
     assert tokenizer_identity(load_tokenizer(str(tmp_path / "tok"))) != tokenizer_identity(tokenizer)
+
+
+@pytest.mark.parametrize("split", ["val", "predict"])
+def test_evaluation_and_prediction_batches_are_grouped_by_length(small_compred, split):
+    """Each row once, longest first (prompt + chosen + rejected tokens), so a batch is padded to rows of its own
+    length; off: the split's order."""
+    def served(d):
+        loader = d.val_dataloader() if split == "val" else d.predict_dataloader()
+        index = [i for batch in loader for i in (batch["index"].tolist() if split == "val" else batch["index"])]
+        ds = d.splits["validation_pref" if split == "val" else "test_prompts"]
+        columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in ds.column_names]
+        return index, [sum(len(ds[i][c]) for c in columns) for i in index]
+
+    grouped, lengths = served(dm(small_compred, rows="preference"))
+    plain, plain_lengths = served(dm(small_compred, rows="preference", group_by_length=False))
+    assert sorted(grouped) == plain == list(range(len(plain)))
+    assert lengths == sorted(lengths, reverse=True) and lengths != plain_lengths
+
+
+def test_prefix_sharing_and_packing_are_settings(small_compred):
+    shared = next(iter(dm(small_compred, rows="preference").val_dataloader()))
+    assert shared["packed"]["sequences"] == 2 * len(shared["community"])
+    assert shared["packed"]["tokens"] < int(shared["attention_mask"].sum())  # each post once per pair
+    assert "packed" not in next(iter(dm(small_compred, rows="preference", prefix_sharing=False).val_dataloader()))
+    assert "packed" in next(iter(dm(small_compred).val_dataloader()))
+    assert "packed" not in next(iter(dm(small_compred, pack_sft=False).val_dataloader()))

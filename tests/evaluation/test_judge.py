@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from personalm.evaluation import judge as J
+from personalm.paths import write_json
 
 
 class LongerJudge:
@@ -193,7 +194,7 @@ def test_true_community_must_agree(tmp_path):
 def test_write_json_is_strict_json_and_leaves_no_temp_file(files, tmp_path):
     result = J.compare(*files, LongerJudge())
     out = tmp_path / "out" / "result.json"
-    J.write_json(result, out)
+    write_json(out, result)
     assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) == result
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]
 

@@ -153,3 +153,169 @@ def test_response_start_keeps_every_scored_position():
     assert_close(sliced.sum, whole.sum)
     assert_close(sliced.mean, whole.mean)
     assert torch.equal(sliced.tokens, whole.tokens)
+
+
+# ------------------------------------------------------------- packed rows and chunked head on a real model
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from personalm.data.collate import collate_preference, collate_sft  # noqa: E402
+from personalm.training.dpo_loss import PairLogps, pair_losses  # noqa: E402
+from personalm.training.logprobs import model_logprobs, sequence_logps, token_logps  # noqa: E402
+
+# (prompt, chosen, rejected) lengths: a long post with short answers, an empty answer (a response cut to
+# nothing by the length limit), one-token answers, a long cut answer, a prompt-only row, no prompt at all
+SHAPES = [(30, 2, 9), (12, 0, 5), (25, 1, 1), (6, 40, 3), (18, 7, 0), (0, 4, 3), (9, 1, 14)]
+
+
+def llama(attn: str, vocab: int = 500) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn)
+    return LlamaForCausalLM(cfg).float()
+
+
+def pair_rows(shapes=SHAPES, vocab: int = 500) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r), "community": "r/x", "index": i}
+            for i, (p, c, r) in enumerate(shapes)]
+
+
+def forwarded(model, fn):
+    """What ``fn`` runs through the model: the input ids' shape of each forward."""
+    shapes = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda _m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        return fn(), shapes
+    finally:
+        handle.remove()
+
+
+def grads(model, loss) -> dict:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("budget", [None, 96])
+def test_prefix_shared_packed_pairs_equal_the_padded_pairs(attn, budget):
+    """Log-probs, DPO losses and gradients of prefix-shared (and packed) pairs == two padded rows per pair,
+    fp32; the shared path really ran: one span per pair, fewer tokens forwarded."""
+    model = llama(attn)
+    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True, pack_tokens=budget)
+    padded = {k: v for k, v in batch.items() if k != "packed"}
+    old, old_shapes = forwarded(model, lambda: model_logprobs(model, padded))
+    new, new_shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=16))
+    assert old_shapes == [(14, 46)] and new_shapes == [tuple(batch["packed"]["input_ids"].shape)]
+    assert new_shapes[0][0] * new_shapes[0][1] < 14 * 46
+    assert batch["packed"]["tokens"] < int(padded["attention_mask"].sum())
+    assert_close(new.sum, old.sum, atol=1e-5, rtol=1e-6)
+    assert_close(new.mean, old.mean, atol=1e-5, rtol=0)
+    assert new.tokens.tolist() == old.tokens.tolist() == [2, 0, 1, 40, 7, 3, 1, 9, 5, 1, 3, 0, 2, 14]
+    ref = PairLogps.from_sequences(old, 7)  # any fixed reference: the losses' graphs run through the policy
+    ref = PairLogps(*(t.detach() - 0.3 for t in ref))
+    loss_old = pair_losses(PairLogps.from_sequences(model_logprobs(model, padded), 7), ref, 0.1, "sigmoid", 0.0)
+    loss_new = pair_losses(PairLogps.from_sequences(sequence_logps(model, batch, 16), 7), ref, 0.1, "sigmoid", 0.0)
+    assert_close(loss_new.losses, loss_old.losses, atol=1e-5, rtol=0)
+    g_old, g_new = grads(model, loss_old.losses.sum()), grads(model, loss_new.losses.sum())
+    for name in g_old:
+        assert_close(g_new[name], g_old[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_sft_loss_equals_the_unpacked_loss():
+    model = llama("sdpa")
+    batch = collate_sft([{**r, "community": "r/x"} for r in pair_rows()], pad_id=0, pack=True, pack_tokens=64)
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    out, shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=8))
+    assert shapes == [tuple(batch["packed"]["input_ids"].shape)] and shapes[0][0] < 7  # several examples per row
+    packed = -out.sum.sum() / out.tokens.sum()
+    assert_close(packed, hf, atol=1e-5, rtol=0)
+    g_hf, g_packed = grads(model, hf), grads(model, packed)
+    for name in g_hf:
+        assert_close(g_packed[name], g_hf[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_chunked_head_equals_the_full_logits_over_several_chunks():
+    """The head applied 7 rows at a time (4 chunks, recomputed in backward) == in one piece, values and
+    gradients; the full path holds [rows, vocab] logits, the chunked one never more than [7, vocab]."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden = torch.randn(25, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (25,))
+    widest = []
+    handle = head.register_forward_hook(lambda _m, _a, out: widest.append(out.shape[0]))
+    full = token_logps(head, hidden, targets, chunk=None)
+    g_full = torch.autograd.grad(full.sum(), [hidden, head.weight])
+    chunked = token_logps(head, hidden, targets, chunk=7)
+    g_chunked = torch.autograd.grad(chunked.sum(), [hidden, head.weight])
+    handle.remove()
+    assert widest[0] == 25 and max(widest[1:]) == 7 and len(widest) >= 1 + 4 + 4  # 4 chunks, recomputed
+    assert_close(chunked, full, atol=1e-6, rtol=0)
+    for a, b in zip(g_chunked, g_full):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_models_that_cannot_pack_fall_back_and_say_so(caplog, monkeypatch):
+    """Flash-attention kernels take no custom mask; a soft-capped head is not the output embedding alone:
+    both get the padded (or old) path and the same numbers, with a one-line message."""
+    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True)
+    padded = {k: v for k, v in batch.items() if k != "packed"}
+    model = llama("sdpa")
+    expected = model_logprobs(model, padded)
+    model.config._attn_implementation = "flash_attention_2"  # only the check reads it: no forward with it here
+    from personalm.training import logprobs
+    assert not logprobs.takes_4d_mask(model)
+    model.config._attn_implementation = "sdpa"
+    model.config.final_logit_softcapping = 30.0
+    assert not logprobs.head_is_plain(model)
+    logprobs._said.clear()
+    with caplog.at_level("INFO"):
+        out = sequence_logps(model, batch, chunk=16)
+    assert_close(out.sum, model_logprobs(model, padded).sum) and "transforms its logits" in caplog.text
+    assert expected.tokens.tolist() == out.tokens.tolist()
+    model.config.final_logit_softcapping = None  # a plain head, attention without custom masks: padded rows
+    monkeypatch.setattr(logprobs, "takes_4d_mask", lambda m: False)
+    with caplog.at_level("INFO"):
+        out, shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=16))
+    assert shapes == [(14, 46)] and "packed rows are off" in caplog.text
+    assert_close(out.sum, expected.sum, atol=1e-5, rtol=1e-6)
+
+
+def test_a_model_that_scales_its_logits_inside_its_forward_is_caught_on_the_first_call():
+    """No config key names it: the first call compares the head's output with the model's own logits, and the
+    model's own (scaled) logits are used from then on."""
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    plain = llama("sdpa")
+    model = Scaled(plain.config)
+    model.load_state_dict(plain.state_dict())
+    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True)
+    padded = {k: v for k, v in batch.items() if k != "packed"}
+    out = sequence_logps(model, batch, chunk=16)
+    assert_close(out.sum, model_logprobs(model, padded).sum)
+    assert (out.sum - model_logprobs(plain, padded).sum).abs().max() > 1e-2  # far beyond the 1e-5 tolerance
+
+
+def test_sliding_window_and_hybrid_layers_do_not_pack():
+    """A 4D mask would reach sliding-window layers without their window and linear-attention layers without
+    the spans' boundaries: those models keep padded rows."""
+    from personalm.training import logprobs
+
+    model = llama("sdpa")
+    assert logprobs.takes_4d_mask(model)
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    assert not logprobs.takes_4d_mask(model)
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert not logprobs.takes_4d_mask(model)
+    model.config.layer_types = None
+    model.config.sliding_window = 64
+    assert not logprobs.takes_4d_mask(model)
+    model.config.use_sliding_window = False  # Qwen2's switch: the window is not used
+    assert logprobs.takes_4d_mask(model)
