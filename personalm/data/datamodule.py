@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from functools import partial
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 import datasets
@@ -14,28 +11,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from personalm.data import compred, encoding, pairs, prompt, synthetic
+from personalm.data import compred, pairs, synthetic
 from personalm.data.batching import by_length
+from personalm.data.cache_key import split_key, tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
 from personalm.data.encoding import encode_batch, prompt_budget
 from personalm.data.prompt import community_string, random_other_community
 from personalm.models import load_tokenizer
 from personalm.paths import is_embedded
-
-ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs)  # their source is part of the tokenization cache key
-
-
-def tokenizer_identity(tok) -> str:
-    """What makes a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, normalizer, pre- and
-    post-processing), else a hash of its vocabulary files; and its settings (special tokens, BOS/EOS)."""
-    if hasattr(tok, "backend_tokenizer"):
-        definition = tok.backend_tokenizer.to_str()
-    else:
-        folder = Path(tok.name_or_path)
-        files = sorted(folder / name for name in tok.vocab_files_names.values() if (folder / name).is_file())
-        definition = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else tok.name_or_path
-    settings = {k: v for k, v in tok.init_kwargs.items() if k != "name_or_path" and isinstance(v, (str, int, bool))}
-    return json.dumps([definition, sorted(settings.items()), tok.all_special_tokens], default=str)
 
 
 class ComPreDDataModule(L.LightningDataModule):
@@ -191,18 +174,8 @@ class ComPreDDataModule(L.LightningDataModule):
             raise compred.ComPreDDataError(f"{split} of {source}: no rows left after {after}; {stats.rows} rows read")
 
     def _fingerprint(self, ds: datasets.Dataset, split: str) -> str:
-        """Cache key of a tokenized split: its data, the settings and tokenizer that shape the rows, and the
-        source of every module that does (a change to the template or the encoding is a new key)."""
-        keys = ("rows", "contextualize", "random_community", "conditioning_variants", "max_length",
-                "max_prompt_length", "seed")
-        tok = self.tokenizer
-        tok_id = tokenizer_identity(tok)
-        sources = [__file__, *(m.__file__ for m in ROW_SHAPING_MODULES)]
-        code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources))
-        code = code.hexdigest()
-        blob = json.dumps([ds._fingerprint, split, {k: self.hparams[k] for k in keys}, tok_id, tok.eos_token_id,
-                           tok.bos_token_id, code], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        """Cache key of a tokenized split (``personalm.data.cache_key``), this module's source included."""
+        return split_key(ds._fingerprint, split, self.hparams, self.tokenizer, extra_sources=[__file__])
 
     def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
         hp, tok = self.hparams, self.tokenizer
