@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from personalm.data import compred, pairs, synthetic
-from personalm.data.batching import by_length
+from personalm.data.batching import LengthGroupedSampler, by_length, row_lengths
 from personalm.data.cache_key import split_key, tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
 from personalm.data.encoding import encode_batch, prompt_budget
@@ -55,6 +55,8 @@ class ComPreDDataModule(L.LightningDataModule):
             than that span; larger packs more spans per row, at attention's quadratic cost).
         group_by_length: validation/test/predict rows in order of decreasing length, so batches are not
             padded to an outlier (metrics and predictions are keyed by row, so the order is free).
+        train_group_by_length: training batches of similar length (``LengthGroupedSampler``, seeded), for
+            rows that are not packed: the reward model's (its paper recipe sets it).
         seed: subsampling, caps and random communities.
         cache_dir: ``datasets`` cache folder (default: the Hugging Face cache).
     """
@@ -83,6 +85,7 @@ class ComPreDDataModule(L.LightningDataModule):
         pack_sft: bool = True,
         pack_tokens: Optional[int] = None,
         group_by_length: bool = True,
+        train_group_by_length: bool = False,
     ):
         super().__init__()
         if not isinstance(contextualize, bool) or not isinstance(random_community, bool):
@@ -249,7 +252,10 @@ class ComPreDDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # a DistributedSampler even on one process: Lightning keeps it, and it is built here already at the
         # epoch a resumed run is in (Lightning sets a sampler's epoch only after the loader's first iterator)
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        if self.hparams.train_group_by_length:
+            sampler = LengthGroupedSampler(ds, row_lengths(ds), self.hparams.batch_size, world, rank, self.hparams.seed)
+        else:
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
         return StatefulDataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler,
                                   generator=torch.Generator().manual_seed(self.hparams.seed),  # workers' seeds

@@ -89,3 +89,24 @@ def test_pad_token_falls_back_to_eos(tmp_path, tokenizer):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = load_tokenizer(str(tmp_path))
     assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_an_export_over_an_older_one_keeps_none_of_its_files(tmp_path, tokenizer):
+    """A merged export written where an adapter export (and a DPO record) was: the old adapter_config.json would
+    make the next load pick the old adapter, the old personalm_dpo.json the wrong reference. None is left."""
+    export_hf(load_causal_lm("embedded:tiny-llama"), tokenizer, str(tmp_path / "base"))
+    adapter = load_causal_lm(str(tmp_path / "base"), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    out = tmp_path / "hf_model"
+    export_hf(adapter, tokenizer, str(out), merge_lora=False, extra_files={"personalm_dpo.json": "{}"})
+    assert (out / "adapter_config.json").is_file() and (out / "personalm_dpo.json").is_file()
+    plain = load_causal_lm("embedded:tiny-llama")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.01)
+    export_hf(plain, tokenizer, str(out))
+    assert not (out / "adapter_config.json").exists() and not (out / "personalm_dpo.json").exists()
+    assert not list(tmp_path.glob(".hf_model*"))  # no temporary folder left beside it
+    again = load_causal_lm(str(out))
+    assert not hasattr(again, "peft_config")
+    for (name, a), b in zip(again.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
