@@ -123,10 +123,10 @@ def pack_examples(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
                   budget: Optional[int] = None) -> dict:
     """Packed SFT examples ``prompt + response``, scored on the response; output sequence k is example k."""
     spans = []
-    for k, (p, r) in enumerate(zip(prompts, responses)):
-        ids = list(p) + list(r)
-        spans.append({"pieces": [(ids, SHARED, 0)],
-                      "targets": [(0, len(p) + j, 0, len(p) + j - 1, k) for j in range(len(r)) if len(p) + j > 0]})
+    for k, (p, r) in enumerate(zip(prompts, responses)):  # the response a piece of its own, seeing the prompt
+        p, r = list(p), list(r)
+        spans.append({"pieces": [(p, SHARED, 0), (r, SHARED, len(p))],
+                      "targets": _response_targets(1, len(r), len(p), k)})
     out = pack(spans, pad_id, budget)
     out["sequences"] = len(prompts)
     return out

@@ -11,7 +11,7 @@ from typing import Optional
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from personalm.paths import write_text
+from personalm.paths import write_json, write_text
 
 DATA_SETTINGS = ("dataset", "subset", "contextualize", "random_community", "max_length", "max_prompt_length", "seed")
 
@@ -93,7 +93,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
                            f"settings ({', '.join(changed)} differ)")
             for part in parts:
                 part.unlink()
-        write_text(self._meta_path, json.dumps(settings, indent=2))
+        write_json(self._meta_path, settings)
         return kept
 
     def on_predict_start(self, trainer, pl_module) -> None:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from personalm.models import LoraSettings, add_lora, export_hf, load_causal_lm, load_tokenizer, upcast_trainable
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
 from personalm.training.generation import GenerationSettings
-from personalm.training.logprobs import head_is_plain, takes_4d_mask
+from personalm.training.logprobs import runs_packed_rows
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
@@ -82,7 +82,7 @@ class CausalLMModule(L.LightningModule):
     @property
     def packs(self) -> bool:
         """Packed rows of a batch (``batch["packed"]``) are what this model runs (a plain head, a 4D mask)."""
-        return self.model is not None and head_is_plain(self.model) and takes_4d_mask(self.model)
+        return self.model is not None and runs_packed_rows(self.model)
 
     @property
     def lora_settings(self) -> Optional[LoraSettings]:

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from personalm.paths import replace_dir
+from personalm.paths import replace_dir, write_atomically
 
 LAST = "last.ckpt"
 
@@ -121,11 +121,8 @@ class Checkpoints(ModelCheckpoint):
         path = os.path.join(self.dirpath, f"step={trainer.global_step}.ckpt")
         self._save_checkpoint(trainer, path)
         if trainer.is_global_zero:
-            link = Path(self.dirpath) / LAST
-            tmp = link.with_name(f".{LAST}.{os.getpid()}.tmp")
-            tmp.unlink(missing_ok=True)
-            os.symlink(Path(path).name, tmp)
-            os.replace(tmp, link)  # the link moves in one step: a resume never finds it missing
+            # the link moves in one step: a resume never finds it missing
+            write_atomically(Path(self.dirpath) / LAST, lambda tmp: os.symlink(Path(path).name, tmp))
             self._prune(Path(path))
         trainer.strategy.barrier()
         self._saved_step, self._since, self._pending = trainer.global_step, time.monotonic(), False

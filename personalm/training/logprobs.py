@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -28,6 +28,10 @@ class SequenceLogprobs(NamedTuple):
     sum: torch.Tensor  # [N] fp32: sum over response tokens of log p(token | prefix)
     mean: torch.Tensor  # [N] fp32: the same divided by the number of response tokens
     tokens: torch.Tensor  # [N] number of response tokens
+
+    @classmethod
+    def of(cls, total: torch.Tensor, count: torch.Tensor) -> "SequenceLogprobs":
+        return cls(total, total / count.clamp(min=1), count)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogprobs:
@@ -43,9 +47,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLog
     safe = labels.masked_fill(~mask, 0)
     token_logps = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     token_logps = torch.where(mask, token_logps, 0.0)
-    total = token_logps.sum(-1)
-    count = mask.sum(-1)
-    return SequenceLogprobs(total, total / count.clamp(min=1), count)
+    return SequenceLogprobs.of(token_logps.sum(-1), mask.sum(-1))
 
 
 def response_start(labels: torch.Tensor) -> int:
@@ -162,17 +164,15 @@ def layout_logprobs(model: nn.Module, layout: dict, chunk: Optional[int]) -> Seq
     logps = token_logps(_base(model).get_output_embeddings(), picked, layout["target_ids"], chunk)
     seq, n = layout["target_sequence"], layout["sequences"]
     total = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, seq, logps.float())
-    count = torch.bincount(seq, minlength=n)
-    return SequenceLogprobs(total, total / count.clamp(min=1), count)
+    return SequenceLogprobs.of(total, torch.bincount(seq, minlength=n))
 
 
-_said = set()
+MESSAGES = WarningCache()  # each fallback said once
 
 
-def _once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        rank_zero_info(message)
+def runs_packed_rows(model: nn.Module) -> bool:
+    """Packed rows (``batch["packed"]``) are what this model runs: a plain head and one 4D mask for every layer."""
+    return head_is_plain(model) and takes_4d_mask(model)
 
 
 def sequence_logps(model: nn.Module, seqs: dict, chunk: Optional[int] = 1024) -> SequenceLogprobs:
@@ -180,17 +180,19 @@ def sequence_logps(model: nn.Module, seqs: dict, chunk: Optional[int] = 1024) ->
     carry the same sequences packed (``seqs["packed"]``): packed rows where the model takes a 4D mask,
     chunked head unless ``chunk`` is None; the old path where neither applies or the head is not plain."""
     packed = seqs.get("packed")
-    if (packed is None and not chunk) or not head_is_plain(model):
-        if not head_is_plain(model):
-            _once("[personalm] this model transforms its logits after the head: packed rows and chunked "
-                  "log-probs are off (the model's own logits are used)")
+    if not head_is_plain(model):
+        MESSAGES.info("[personalm] this model transforms its logits after the head: packed rows and chunked "
+                      "log-probs are off (the model's own logits are used)")
         return model_logprobs(model, seqs)
-    if packed is not None and takes_4d_mask(model):
+    if packed is None and not chunk:
+        return model_logprobs(model, seqs)
+    if packed is not None and runs_packed_rows(model):
         out = layout_logprobs(model, packed, chunk)
     else:
         if packed is not None:
-            _once(f"[personalm] attention {_base(model).config._attn_implementation!r} or this model's layers "
-                  "(sliding windows, linear attention, ALiBi) take no custom 4D mask: packed rows are off")
+            MESSAGES.info(f"[personalm] attention {_base(model).config._attn_implementation!r} or this model's "
+                          "layers (sliding windows, linear attention, ALiBi) take no custom 4D mask: packed rows "
+                          "are off")
         out = layout_logprobs(model, {**seqs, **padded_targets(seqs["labels"], IGNORE_INDEX)}, chunk)
     if not head_is_plain(model):  # found out on this first call: the model's own logits from now on
         return sequence_logps(model, seqs, chunk)

@@ -271,7 +271,7 @@ def test_models_that_cannot_pack_fall_back_and_say_so(caplog, monkeypatch):
     model.config._attn_implementation = "sdpa"
     model.config.final_logit_softcapping = 30.0
     assert not logprobs.head_is_plain(model)
-    logprobs._said.clear()
+    logprobs.MESSAGES.clear()
     with caplog.at_level("INFO"):
         out = sequence_logps(model, batch, chunk=16)
     assert_close(out.sum, model_logprobs(model, padded).sum) and "transforms its logits" in caplog.text
