@@ -68,6 +68,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def planned_rows(root, subsets, split: str, stats, **settings) -> pa.Table:
+    """The rows the preparation's plan (``prepare.plan_split``) keeps of a split, read back from the source as
+    pairs (or prompts), in order: what pass 2 would tokenize."""
+    import numpy as np
+
+    from personalm.data import compred, pairs, prepare
+
+    hp = {"rows": "preference", "contextualize": True, "random_community": False, "conditioning_variants": False,
+          "max_length": 128, "max_prompt_length": None, "seed": 42, "min_score_ratio": 2.0, "max_pairs_per_post": 5,
+          "max_train_pairs": None, "max_eval_pairs": None, **settings}
+    spec = prepare.RowSpec.of(split, hp)
+    files = [(s, compred.source_files(str(root), s, split)) for s in subsets]
+    plan = prepare.plan_split(files, spec, stats, prepare.Progress(split, lambda _: None))
+    parts = []
+    for unit in plan.units:
+        groups = None if unit.row_group is None else [unit.row_group]
+        table = pa.concat_tables([t for _, t in compred.read_chunks(Path(unit.file), compred.schema_of(split),
+                                                                    row_groups=groups)])
+        parts.append(table.take(np.asarray(unit.rows)))
+    table = pa.concat_tables(parts)
+    return pairs.to_prompts(table) if split == compred.PROMPT_SPLIT else pairs.to_pairs(table)
+
+
 def pref_row(**overrides) -> dict:
     """One valid preference row (every schema field), with chosen values overridden."""
     base = {

@@ -48,3 +48,18 @@ def test_epoch_benchmark_small_setting_trains_the_same_curve_as_trl(tmp_path):
     assert ours["steps"] == theirs["steps"] == 2 and ours["pairs"] == 8
     assert abs(ours["losses"][0] - 0.6931) < 1e-3
     assert max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])) < 1e-4
+
+
+@pytest.mark.slow
+def test_prepare_scale_small_setting_runs(tmp_path):
+    """``benchmarks/prepare_scale.py`` on 20,000 rows: the data is written, both num_proc runs, the floor and the
+    cache hit come out, and both runs prepared the same rows."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_scale.py"), "--dir", str(tmp_path),
+                           "--rows", "20000"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("| floor |", "| first, num_proc 1 (", "| first, num_proc 2 (", "| cache hit |"):
+        assert row in out, out
+    assert "same prepared files for every num_proc: True" in out, out
+    assert "'rows': 20000" in out and "'rows_out': 1" in out  # every row read, about half used

@@ -4,8 +4,9 @@ LightningDataModule serves every phase.
 
 Owns ``prompt`` (the template), ``compred`` (loading, schema validation, splits), ``pairs`` (skips, A/B to
 chosen/rejected, the paper's subsample), ``encoding`` (one tokenization of the prompt, lengths in tokens),
-``collate`` (padded tensors, labels on responses), ``packing`` (packed rows, prefix-shared DPO pairs, their
-4D masks), ``batching`` (evaluation order by length), ``cache_key`` (the tokenization cache's key),
+``prepare`` (a split prepared once, in parallel, memory-mapped by every process; ``prepare_command``: ``python -m
+personalm prepare``), ``cache_key`` (its key), ``collate`` (padded tensors, labels on responses), ``packing``
+(packed rows, prefix-shared DPO pairs, their 4D masks), ``batching`` (evaluation order by length),
 ``datamodule`` and ``synthetic`` (the offline demo data). May import ``personalm.paths`` and
 ``personalm.models`` (for the tokenizer); nothing from training, evaluation or the study.
 """

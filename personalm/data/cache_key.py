@@ -1,18 +1,19 @@
-"""The cache key of a tokenized split: its data, the settings and the tokenizer that shape its rows, and the
-source of every module that does (a change to the template or the encoding is a new key, never a stale hit)."""
+"""The key of a prepared split, known before any step runs: the source's identity (each file's path, size and
+modification time; a Hub file's path holds its revision), the settings and the tokenizer that shape its rows,
+and the source of every module that does (a change to the template or the encoding is a new key, never a
+stale hit)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from personalm.data import compred, encoding, pairs, prompt
+from personalm.data import compred, encoding, pairs, prepare, prompt
 
-ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs)  # their source is part of the tokenization cache key
-ROW_SHAPING_SETTINGS = ("rows", "contextualize", "random_community", "conditioning_variants", "max_length",
-                        "max_prompt_length", "seed")
+ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs, prepare)  # their source is part of the key
 
 
 def tokenizer_identity(tok) -> str:
@@ -28,10 +29,19 @@ def tokenizer_identity(tok) -> str:
     return json.dumps([definition, sorted(settings.items()), tok.all_special_tokens], default=str)
 
 
-def split_key(data_fingerprint: str, split: str, settings, tok, extra_sources: Sequence[str] = ()) -> str:
-    """``settings``: the DataModule's hyperparameters (those in ``ROW_SHAPING_SETTINGS`` count)."""
-    sources = [__file__, *extra_sources, *(m.__file__ for m in ROW_SHAPING_MODULES)]
+def source_identity(files: Sequence[tuple[str, Sequence[Path]]]) -> list:
+    """(subset, [(path, bytes, modification time in ns), ...]) of every file a split is read from."""
+    out = []
+    for subset, paths in files:
+        stats = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+        out.append([subset, stats])
+    return out
+
+
+def split_key(files: Sequence[tuple[str, Sequence[Path]]], spec, tok) -> str:
+    """``spec``: the split's ``prepare.RowSpec`` (every setting that acts on its rows)."""
+    sources = [__file__, *(m.__file__ for m in ROW_SHAPING_MODULES)]
     code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()
-    blob = json.dumps([data_fingerprint, split, {k: settings[k] for k in ROW_SHAPING_SETTINGS}, tokenizer_identity(tok),
-                       tok.eos_token_id, tok.bos_token_id, code], sort_keys=True, default=str)
+    blob = json.dumps([source_identity(files), asdict(spec), tokenizer_identity(tok), tok.eos_token_id,
+                       tok.bos_token_id, code], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -1,7 +1,7 @@
 """ComPreD rows: loading (Hub id or local folder in the Hub layout) and validation against the schema.
 
-Everything here works on ``datasets.Dataset`` objects (Arrow, memory-mapped, cached on disk), never on
-whole-split Python lists: the real ``train_pref`` splits hold millions of rows.
+Files are read in validated Arrow chunks (parquet row groups streamed), never as whole-split Python lists
+nor copied into a cache: the real ``train_pref`` splits hold millions of rows.
 
 Local layout, mirroring the Hub (``allenai/compred``)::
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -58,7 +58,8 @@ class PrepStats:
 
     rows: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count (content problems, documented skips)
-    subsampled_out: int = 0
+    subsampled_out: int = 0  # training rows left out by the paper's subsample (score ratio, pairs per post)
+    capped_out: int = 0  # rows left out by the seeded cap (max_train_pairs / max_eval_pairs)
     shortened: int = 0  # rows whose post was shortened or whose response tail was cut
     post_shortened: int = 0  # rows whose post body was shortened to fit the prompt budget
     response_cut: int = 0  # rows with a response cut to fit max_length
@@ -103,61 +104,147 @@ def split_files(root: Path, subset: str, split: str) -> list[Path]:
 def describe_source(dataset: str, subsets: Sequence[str], split: str) -> str:
     """Where a split's rows come from, for error messages: its files, or the Hub id, config and split."""
     if not is_local(dataset):
-        return ", ".join(f"{dataset}:{f'{s}_test_prompts' if split == PROMPT_SPLIT else s}/{split}" for s in subsets)
+        return ", ".join(f"{dataset}:{config_of(s, split)}/{split}" for s in subsets)
     try:
         return ", ".join(str(p) for s in subsets for p in split_files(Path(dataset).expanduser(), s, split))
     except ComPreDDataError:
         return f"{dataset} ({', '.join(subsets)}/{split})"
 
 
-def load_split(dataset: str, subset: str, split: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
-    """One split of one subset, validated, from the Hub or a local folder in the Hub layout."""
-    schema = PROMPT_SCHEMA if split == PROMPT_SPLIT else PREFERENCE_SCHEMA
-    if not is_local(dataset):
-        config = f"{subset}_test_prompts" if split == PROMPT_SPLIT else subset
-        ds = datasets.load_dataset(dataset, config, split=split, cache_dir=cache_dir)
-        validate(ds, schema, source=f"{dataset}:{config}/{split}")
-        return ds
-    parts = []
-    for path in split_files(Path(dataset).expanduser(), subset, split):
-        part = _load_file(path, cache_dir)
-        validate(part, schema, source=str(path), jsonl=path if path.suffix != ".parquet" else None)
-        parts.append(_cast_to_schema(part, schema))
+def config_of(subset: str, split: str) -> str:
+    """The Hub config that holds a split: ``finance`` or ``finance_test_prompts``."""
+    return f"{subset}_test_prompts" if split == PROMPT_SPLIT else subset
+
+
+def source_files(dataset: str, subset: str, split: str) -> list[Path]:
+    """The files of one split of one subset, in order: a local folder in the Hub layout, or the Hub's own
+    files (the dataset repository's parquet or JSON files at its current revision, downloaded once into the
+    Hugging Face cache and read from there: no Arrow copy of them is made)."""
+    if is_local(dataset):
+        return split_files(Path(dataset).expanduser(), subset, split)
+    return hub_files(dataset, config_of(subset, split), split)
+
+
+def hub_files(dataset: str, config: str, split: str) -> list[Path]:
+    """The data files the Hub's config lists for a split (``datasets`` resolves them to
+    ``hf://datasets/<repo>@<revision>/<file>``), each fetched with ``huggingface_hub`` (its cache, its
+    offline mode). The revision is part of the cached path, so a new revision is another source."""
+    import datasets
+    from huggingface_hub import hf_hub_download
+
     try:
-        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    except ValueError as err:  # e.g. an extra column with different types in two shards
-        raise ComPreDDataError(f"shards of {subset}/{split} in {dataset} do not share one schema: {err}") from err
+        builder = datasets.load_dataset_builder(dataset, config)
+        urls = list(builder.config.data_files[split])
+    except KeyError:
+        raise ComPreDDataError(f"{dataset}:{config} has no split {split!r}") from None
+    files = []
+    for url in urls:
+        match = _HF_URL.match(str(url))
+        if match is None:
+            raise ComPreDDataError(f"{dataset}:{config}/{split}: unexpected data file {url}")
+        repo, revision, filename = match.groups()
+        files.append(Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision)))
+    if not files:
+        raise ComPreDDataError(f"{dataset}:{config}/{split}: no data files")
+    return files
 
 
-_FEATURE = {"str": "string", "int": "int64", "float": "float64"}
+_HF_URL = re.compile(r"hf://datasets/([^@]+?)@([^/]+)/(.+)$")
 
 
-def _cast_to_schema(ds: datasets.Dataset, schema: dict) -> datasets.Dataset:
-    """Schema fields in their documented types, so shards that Arrow typed differently line up
-    (a float field holding only whole numbers in one file comes out as int64 there)."""
-    features = ds.features.copy()
-    changed = False
-    for name, kind in schema.items():
-        want = datasets.Value(_FEATURE[kind])
-        if features[name] != want:
-            features[name], changed = want, True
-    return ds.cast(features) if changed else ds
+def schema_of(split: str) -> dict:
+    return PROMPT_SCHEMA if split == PROMPT_SPLIT else PREFERENCE_SCHEMA
 
 
-def _schema_for(path: Path) -> dict:
-    return PROMPT_SCHEMA if path.parent.name.endswith("_test_prompts") else PREFERENCE_SCHEMA
+# ----------------------------------------------------------------------------------------------------
+# Reading: validated chunks of one file, streamed (parquet row groups, never a whole split in memory)
+
+CHUNK_ROWS = 20_000  # rows per chunk read from a parquet file
 
 
-def _load_file(path: Path, cache_dir: Optional[str]) -> datasets.Dataset:
-    builder = "parquet" if path.suffix == ".parquet" else "json"
+def parquet_row_groups(path: Path) -> list[tuple[int, int]]:
+    """(first row, rows) of each row group of a parquet file: the units preparation splits work into."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    starts, out = 0, []
+    for i in range(meta.num_row_groups):
+        n = meta.row_group(i).num_rows
+        out.append((starts, n))
+        starts += n
+    return out
+
+
+def read_chunks(path: Path, schema: dict, columns: Optional[Sequence[str]] = None,
+                row_groups: Optional[Sequence[int]] = None, chunk_rows: int = CHUNK_ROWS
+                ) -> Iterator[tuple[int, pa.Table]]:
+    """``(first row in the file, table)`` chunks of one file, validated against ``schema`` (errors name the
+    file, the row counted from 0 in that file, and the field), schema fields in their documented types.
+
+    ``columns``: the fields to read (default: every schema field; validation covers the fields read).
+    ``row_groups``: of a parquet file, only these (in order); a JSON-lines file is read whole (the Hub
+    and large local copies are parquet).
+    """
+    path = Path(path)
+    columns = list(columns or schema)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as err:
+            raise ComPreDDataError(f"{path}: could not be read as parquet: {err}") from err
+        read = {k: schema[k] for k in columns if k in schema}  # the fields validated: those read
+        check_fields(pf.schema_arrow, read, str(path))
+        if pf.metadata.num_rows == 0:
+            raise ComPreDDataError(f"{path}: no rows")
+        groups = list(range(pf.metadata.num_row_groups)) if row_groups is None else list(row_groups)
+        starts = [s for s, _ in parquet_row_groups(path)]
+        for g in groups:
+            offset = starts[g]
+            for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=columns):
+                table = pa.Table.from_batches([batch])
+                validate(table, read, str(path), row_offset=offset)
+                yield offset, cast_to_schema(table, schema)
+                offset += batch.num_rows
+        return
+    table = _read_jsonl(path, schema)
+    validate(table, schema, str(path), jsonl=path)
+    table = cast_to_schema(table.select([c for c in columns if c in table.column_names]), schema)
+    for offset in range(0, table.num_rows, chunk_rows):
+        yield offset, table.slice(offset, chunk_rows)
+
+
+def load_split(dataset: str, subset: str, split: str) -> pa.Table:
+    """One split of one subset, validated, whole, in memory (for small data and tests; preparation streams)."""
+    schema = schema_of(split)
+    parts = [t for f in source_files(dataset, subset, split) for _, t in read_chunks(f, schema)]
+    return pa.concat_tables(parts)
+
+
+def _read_jsonl(path: Path, schema: dict) -> pa.Table:
+    import pyarrow.json as pajson
+
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        return pajson.read_json(path, read_options=pajson.ReadOptions(block_size=1 << 24))
     except Exception as err:  # Arrow's message names neither the line nor the field: find them
-        if builder == "json":
-            problem = locate_jsonl_problem(path, _schema_for(path))
-            if problem:
-                raise ComPreDDataError(problem) from err
-        raise ComPreDDataError(f"{path}: could not be read as {builder}: {err}") from err
+        problem = locate_jsonl_problem(path, schema)
+        if problem:
+            raise ComPreDDataError(problem) from err
+        raise ComPreDDataError(f"{path}: could not be read as JSON lines: {err}") from err
+
+
+_ARROW_TYPE = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+
+
+def cast_to_schema(table: pa.Table, schema: dict) -> pa.Table:
+    """Schema fields in their documented types, so shards that Arrow typed differently line up (a float
+    field holding only whole numbers in one file comes out as int64 there; parquet may hold large_string)."""
+    for i, name in enumerate(table.column_names):
+        want = _ARROW_TYPE.get(schema.get(name))
+        if want is not None and table.column(i).type != want:
+            table = table.set_column(i, name, pc.cast(table.column(i), want))
+    return table
 
 
 def _matches(value, kind: str) -> bool:
@@ -213,14 +300,27 @@ def _arrow_kind(typ: pa.DataType) -> Optional[str]:
     return None
 
 
-def validate(ds: datasets.Dataset, schema: dict, source: str, jsonl: Optional[Path] = None) -> None:
-    """Raise ``ComPreDDataError`` naming source, row (0-based, in that file) and field for schema problems.
+def check_fields(arrow_schema: pa.Schema, schema: dict, source: str) -> None:
+    """A file's fields and their types, before any row is read: missing or wrongly typed whole columns."""
+    for name, kind in schema.items():
+        if name not in arrow_schema.names:
+            raise ComPreDDataError(f"{source}: field {name!r} is missing (row 0 and every other row)")
+        have = _arrow_kind(arrow_schema.field(name).type)
+        if have == "null":
+            raise ComPreDDataError(f"{source}: row 0, field {name!r}: missing (null in every row)")
+        if not (have == kind or (kind == "float" and have == "int") or (kind == "int" and have == "float")):
+            raise ComPreDDataError(f"{source}: row 0, field {name!r}: wrong type: expected {kind}, found "
+                                   f"{arrow_schema.field(name).type}")
+
+
+def validate(table: pa.Table, schema: dict, source: str, jsonl: Optional[Path] = None, row_offset: int = 0) -> None:
+    """Raise ``ComPreDDataError`` naming source, row (0-based, in that file: ``row_offset`` is the table's
+    first row there) and field for schema problems.
 
     Schema problems are errors: a missing field, a null, a value of the wrong type, ``labels`` not 0/1.
     Content problems (empty texts, identical responses) are skipped and counted later, not here.
     """
-    table = ds.data.table
-    if ds.num_rows == 0:
+    if table.num_rows == 0 and row_offset == 0:
         raise ComPreDDataError(f"{source}: no rows")
     for name, kind in schema.items():
         if name not in table.column_names:
@@ -228,31 +328,32 @@ def validate(ds: datasets.Dataset, schema: dict, source: str, jsonl: Optional[Pa
         col = table.column(name)
         have = _arrow_kind(col.type)
         if have == "null":
-            raise ComPreDDataError(f"{source}: row 0, field {name!r}: missing (null in every row)")
+            raise ComPreDDataError(f"{source}: row {row_offset}, field {name!r}: missing (null in every row)")
         ok = have == kind or (kind == "float" and have == "int")
         if not ok and kind == "int" and have == "float":  # 3.0 is fine; the first 3.5 is the culprit
             frac = pc.not_equal(col, pc.floor(col))
             ok = not pc.any(frac).as_py()
             if not ok:
                 row = pc.index(frac, True).as_py()
-                raise ComPreDDataError(f"{source}: row {row}, field {name!r}: wrong type: expected int, "
-                                       f"found {col[row].as_py()!r}")
+                raise ComPreDDataError(f"{source}: row {row_offset + row}, field {name!r}: wrong type: expected "
+                                       f"int, found {col[row].as_py()!r}")
         if not ok and jsonl is not None:  # JSON: Arrow widened the column for a few bad values; find them
             problem = locate_jsonl_problem(jsonl, schema)
             if problem:
                 raise ComPreDDataError(problem)
         if not ok:
             raise ComPreDDataError(
-                f"{source}: row 0, field {name!r}: wrong type: expected {kind}, found {col.type} "
+                f"{source}: row {row_offset}, field {name!r}: wrong type: expected {kind}, found {col.type} "
                 f"(value {col[0].as_py()!r:.60})")
         nulls = pc.is_null(col)
         if pc.any(nulls).as_py():
             row = pc.index(nulls, True).as_py()
-            raise ComPreDDataError(f"{source}: row {row}, field {name!r}: missing (null)")
-    if "labels" in schema:
-        good = pc.is_in(table.column("labels"), value_set=pa.array([0, 1], type=table.column("labels").type))
+            raise ComPreDDataError(f"{source}: row {row_offset + row}, field {name!r}: missing (null)")
+    if "labels" in schema and "labels" in table.column_names:
+        labels = table.column("labels")
+        good = pc.is_in(labels, value_set=pa.array([0, 1], type=labels.type))
         if not pc.all(good).as_py():
             row = pc.index(good, False).as_py()
             raise ComPreDDataError(
-                f"{source}: row {row}, field 'labels': must be 0 or 1 (1: A preferred, 0: B preferred), "
-                f"found {table.column('labels')[row].as_py()!r}")
+                f"{source}: row {row_offset + row}, field 'labels': must be 0 or 1 (1: A preferred, 0: B preferred), "
+                f"found {labels[row].as_py()!r}")

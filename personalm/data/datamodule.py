@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import datasets
@@ -11,14 +12,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from personalm.data import compred, pairs, synthetic
+from personalm.data import compred, prepare, synthetic
 from personalm.data.batching import LengthGroupedSampler, by_length, row_lengths
 from personalm.data.cache_key import split_key, tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
-from personalm.data.encoding import encode_batch, prompt_budget
-from personalm.data.prompt import community_string, random_other_community
+from personalm.data.encoding import prompt_budget
 from personalm.models import load_tokenizer
-from personalm.paths import is_embedded
+from personalm.paths import cache_root, is_embedded
 
 
 class ComPreDDataModule(L.LightningDataModule):
@@ -58,7 +58,11 @@ class ComPreDDataModule(L.LightningDataModule):
         train_group_by_length: training batches of similar length (``LengthGroupedSampler``, seeded), for
             rows that are not packed: the reward model's (its paper recipe sets it).
         seed: subsampling, caps and random communities.
-        cache_dir: ``datasets`` cache folder (default: the Hugging Face cache).
+        cache_dir: folder of the prepared splits (default: ``$PERSONALM_CACHE/prepared``); one per split and
+            settings, memory-mapped by every process and run that asks for the same. On a cluster, a folder
+            every node sees (with ``trainer.prepare_data_per_node: false``) prepares once for all.
+        num_proc: processes that tokenize (default: the cores this process may use, at most 16); 1 tokenizes
+            in this process. Any value gives the same rows, ids and order.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ComPreDDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: Optional[str] = None,
+        num_proc: Optional[int] = None,
         prefix_sharing: bool = True,
         pack_sft: bool = True,
         pack_tokens: Optional[int] = None,
@@ -99,6 +104,8 @@ class ComPreDDataModule(L.LightningDataModule):
                             ("max_eval_pairs", max_eval_pairs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or null for no cap), got {value}")
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"num_proc must be at least 1 (or null for the cores available), got {num_proc}")
         self.save_hyperparameters()
         self.subsets = [subset] if isinstance(subset, str) else list(subset)
         self.splits: dict[str, datasets.Dataset] = {}
@@ -118,103 +125,74 @@ class ComPreDDataModule(L.LightningDataModule):
         name = self.hparams.dataset
         return str(synthetic.dataset_dir(name)) if is_embedded(name) else name
 
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else cache_root() / "prepared"
+
     def _splits_for(self, stage: Optional[str]) -> list[str]:
         if stage is None:
             return [*compred.PREFERENCE_SPLITS, compred.PROMPT_SPLIT]
         return [compred.SPLIT_OF_PHASE[phase] for phase in compred.PHASES_OF[stage]]
 
+    def _stage(self) -> Optional[str]:
+        return self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else None
+
     def prepare_data(self) -> None:
-        """Runs on one process first: downloads or builds the data and fills the ``datasets`` cache, so
-        the other processes' ``setup`` only reads it. Kept on this process too (no second tokenization)."""
-        stage = self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else None
-        self.setup(stage)
+        """On one process (Lightning: local rank 0 of each node with ``prepare_data_per_node``, the default;
+        set it false where every node sees the same ``cache_dir``, so one process prepares for all): prepare
+        the stage's splits, so every process's ``setup`` only opens them."""
+        for split in self._splits_for(self._stage()):
+            self.prepared(split)
 
     def setup(self, stage: Optional[str] = None) -> None:
         for split in self._splits_for(stage):
-            if split not in self.splits:
-                self.splits[split] = self.prepare_split(split)
+            self._open(split)
 
-    def prepare_split(self, split: str) -> datasets.Dataset:
-        """Load, validate, pair, subsample and tokenize one split; log what was skipped or shortened."""
-        hp = self.hparams
-        stats = compred.PrepStats()
-        if split == compred.PROMPT_SPLIT:
-            ds = pairs.load_prompts(self.source, self.subsets, stats, hp.cache_dir)
-            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
+    def prepare_all(self) -> dict[str, prepare.Prepared]:
+        """Every split a config's stages read (train, validation, test, prompts): ``python -m personalm prepare``."""
+        return {split: self.prepared(split) for split in self._splits_for(None)}
+
+    def files(self, split: str) -> list[tuple[str, list[Path]]]:
+        return [(subset, compred.source_files(self.source, subset, split)) for subset in self.subsets]
+
+    def prepared(self, split: str) -> prepare.Prepared:
+        """The prepared split (``personalm.data.prepare``): opened if a process or an earlier run prepared it
+        with the same key, else prepared here."""
+        files = self.files(split)
+        spec = prepare.RowSpec.of(split, self.hparams)
+        key = split_key(files, spec, self.tokenizer)
+        folder = self.cache_root / f"{split}-{key}"
+        found = prepare.find(folder)
+        if found is None:
+            found = prepare.prepare(files, spec, self.tokenizer, folder, key, self.num_proc, log=rank_zero_info)
+            verb = "prepared in"
         else:
-            ds = pairs.load_pairs(self.source, self.subsets, split, stats, hp.cache_dir)
-            self._require_rows(ds, split, stats, f"the documented skips ({stats.skipped})")
-            if split == "train_pref":
-                n = ds.num_rows
-                ds = pairs.subsample(ds, hp.min_score_ratio, hp.max_pairs_per_post, hp.seed, stats)
-                self._require_rows(ds, split, stats, f"the paper's subsample (the score-ratio threshold, "
-                                   f"min_score_ratio: {hp.min_score_ratio}, then max_pairs_per_post: "
-                                   f"{hp.max_pairs_per_post}; none of the {n} pairs passes)")
-                ds = pairs.seeded_limit(ds, hp.max_train_pairs, hp.seed)
-            else:
-                ds = pairs.seeded_limit(ds, hp.max_eval_pairs, hp.seed)
-        ds = self._tokenize(ds, split)
-        for name in ("shortened", "post_shortened", "response_cut", "dropped"):
-            setattr(stats, name, pairs.count_true(ds, name))
-        if stats.dropped:
-            ds = pairs.drop_where(ds, "dropped")  # then renumber: "index" is the row's position in the
-            ds = ds.map(lambda _, i: {"index": i}, with_indices=True, desc=f"renumber {split}")  # split
+            verb = "read from"
+        self._report(split, found, verb)
+        return found
+
+    @property
+    def num_proc(self) -> int:
+        return self.hparams.num_proc or prepare.default_num_proc()
+
+    def _open(self, split: str) -> datasets.Dataset:
+        if split not in self.splits:
+            found = self.prepared(split)
+            self.splits[split], self.stats[split] = found.dataset(), found.stats
+        return self.splits[split]
+
+    def _report(self, split: str, found: prepare.Prepared, verb: str) -> None:
+        hp, stats = self.hparams, found.stats
+        if getattr(self, "_reported", {}).get(split) == found.folder:
+            return
+        self._reported = {**getattr(self, "_reported", {}), split: found.folder}
         budget = prompt_budget(hp.max_length, hp.max_prompt_length)
-        self._require_rows(ds, split, stats, f"the length limits (markers, community and title of every row "
-                           f"exceed the prompt budget of {budget} tokens; raise max_prompt_length/max_length)")
-        stats.rows_out = ds.num_rows
-        self.stats[split] = stats
         rank_zero_info(
             f"[personalm] {split}: {stats.rows} rows read, skipped {stats.skipped or 'none'}, "
-            f"{stats.subsampled_out} left out by subsampling, {stats.post_shortened} posts shortened to fit "
-            f"{budget} prompt tokens, {stats.response_cut} with a response cut to fit {hp.max_length} tokens, "
-            f"{stats.dropped} dropped (markers and title alone over {budget} tokens), {ds.num_rows} used")
-        return ds
-
-    def _require_rows(self, ds: datasets.Dataset, split: str, stats: compred.PrepStats, after: str) -> None:
-        if ds.num_rows == 0:
-            source = compred.describe_source(self.source, self.subsets, split)
-            raise compred.ComPreDDataError(f"{split} of {source}: no rows left after {after}; {stats.rows} rows read")
-
-    def _fingerprint(self, ds: datasets.Dataset, split: str) -> str:
-        """Cache key of a tokenized split (``personalm.data.cache_key``), this module's source included."""
-        return split_key(ds._fingerprint, split, self.hparams, self.tokenizer, extra_sources=[__file__])
-
-    def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
-        hp, tok = self.hparams, self.tokenizer
-        all_communities = pairs.communities(ds)
-        prompts_only = split == compred.PROMPT_SPLIT
-        preference = hp.rows == "preference" and not prompts_only
-        variants = ("none", "random") if preference and hp.conditioning_variants and split != "train_pref" else ()
-
-        def shown(community: str, post_id: str, mode: str) -> str:
-            if mode == "random":
-                return "r/" + random_other_community(community, post_id, all_communities, hp.seed)
-            return community_string(community, mode == "true")
-
-        mode = "random" if hp.random_community else ("true" if hp.contextualize else "none")
-
-        def encode_rows(batch: dict, indices: list[int]) -> dict:
-            rows = list(zip(batch["community"], batch["post_id"]))
-            shown_as = [shown(c, p, mode) for c, p in rows]
-            responses = [] if prompts_only else [batch["chosen"]] + ([batch["rejected"]] if preference else [])
-            alternatives = [[shown(c, p, name) for c, p in rows] for name in variants]  # same post, same responses
-            enc = encode_batch(tok, shown_as, batch["title"], batch["post"], responses, hp.max_length,
-                               hp.max_prompt_length, variants=alternatives)
-            out = {"index": indices, "prompt_community": shown_as, "prompt_ids": [e.prompt_ids for e in enc],
-                   "post_chars": [e.post_chars for e in enc], "shortened": [e.shortened for e in enc],
-                   "post_shortened": [e.post_shortened for e in enc], "response_cut": [e.response_cut for e in enc],
-                   "dropped": [e.dropped for e in enc]}
-            if not prompts_only:
-                out["chosen_ids"] = [e.response_ids[0] if e.response_ids else [] for e in enc]
-            if preference:
-                out["rejected_ids"] = [e.response_ids[1] if e.response_ids else [] for e in enc]
-            for v, name in enumerate(variants):  # the same pairs, prompt without community / with a wrong one
-                out[f"{name}_prompt_ids"] = [e.variant_prompt_ids[v] if e.variant_prompt_ids else [] for e in enc]
-            return out
-
-        return ds.map(encode_rows, batched=True, with_indices=True, desc=f"tokenize {split}",
-                      new_fingerprint=self._fingerprint(ds, split))
+            f"{stats.subsampled_out} left out by subsampling, {stats.capped_out} by the cap, {stats.post_shortened} "
+            f"posts shortened to fit {budget} prompt tokens, {stats.response_cut} with a response cut to fit "
+            f"{hp.max_length} tokens, {stats.dropped} dropped (markers and title alone over {budget} tokens), "
+            f"{stats.rows_out} used; {found.bytes / 2**20:,.1f} MiB {verb} {found.folder}")
 
     # -- loaders ----------------------------------------------------------------------------------
 
@@ -233,8 +211,7 @@ class ComPreDDataModule(L.LightningDataModule):
         return self.hparams.eval_batch_size or self.hparams.batch_size
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        if split not in self.splits:
-            self.splits[split] = self.prepare_split(split)
+        self._open(split)
         ds = by_length(self.splits[split]) if self.hparams.group_by_length and not shuffle else self.splits[split]
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn(split),
                           num_workers=self.hparams.num_workers)
@@ -246,9 +223,7 @@ class ComPreDDataModule(L.LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         split = "train_pref"
-        if split not in self.splits:
-            self.splits[split] = self.prepare_split(split)
-        ds, trainer = self.splits[split], self.trainer
+        ds, trainer = self._open(split), self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # a DistributedSampler even on one process: Lightning keeps it, and it is built here already at the
         # epoch a resumed run is in (Lightning sets a sampler's epoch only after the loader's first iterator)

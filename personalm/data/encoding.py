@@ -79,6 +79,23 @@ class PlainTokenizer:
         self.backend = backend
         self.bos = special_prefix(tokenizer)
         self.eos = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
+
+    def __getstate__(self) -> dict:
+        """What a worker process needs: the Rust backend's definition (not transformers' wrapper), BOS, EOS."""
+        state = dict(self.__dict__)
+        if self.backend is not None:
+            state["backend"], state["tokenizer"] = self.backend.to_str(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("backend"), str):
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(state["backend"])
+            backend.encode_special_tokens = True
+            state["backend"] = backend
+        self.__dict__.update(state)
 
     def encode(self, texts: Sequence[str]) -> list[tuple[list[int], Optional[list[tuple[int, int]]]]]:
         """(ids, offsets) per text; texts repeated in the batch (pairs of one post) are tokenized once."""

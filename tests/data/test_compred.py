@@ -4,20 +4,20 @@ import json
 import re
 from pathlib import Path
 
-import datasets
+import pyarrow as pa
 import pytest
 
 from personalm.data import compred
-from personalm.data import pairs as pairing
 from personalm.data.compred import ComPreDDataError, PrepStats
-from tests.helpers import pref_rows, write_jsonl, write_parquet
+from tests.helpers import planned_rows, pref_rows, write_jsonl, write_parquet
 
 # ----------------------------------------------------------------------------------------------------
 # Local layout
 
 
-def pair_keys(ds: datasets.Dataset) -> list[tuple]:
-    return [(r["post_id"], r["chosen"], r["rejected"], r["score_chosen"], r["score_rejected"]) for r in ds.to_list()]
+def pair_keys(table: pa.Table) -> list[tuple]:
+    return [(r["post_id"], r["chosen"], r["rejected"], r["score_chosen"], r["score_rejected"])
+            for r in table.to_pylist()]
 
 
 def test_jsonl_and_parquet_load_the_same(tmp_path):
@@ -27,15 +27,15 @@ def test_jsonl_and_parquet_load_the_same(tmp_path):
     from_jsonl = compred.load_split(str(tmp_path / "j"), "finance", "train_pref")
     from_parquet = compred.load_split(str(tmp_path / "p"), "finance", "train_pref")
     assert from_jsonl.num_rows == from_parquet.num_rows == len(rows)
-    assert from_parquet.to_list() == rows
+    assert from_parquet.to_pylist() == rows
     for name in compred.PREFERENCE_SCHEMA:
         expected = [r[name] for r in rows]
         if isinstance(expected[0], float):
-            assert from_jsonl[name] == pytest.approx(expected), name
+            assert from_jsonl.column(name).to_pylist() == pytest.approx(expected), name
         else:
-            assert from_jsonl[name] == expected, name
-    a = pairing.load_pairs(str(tmp_path / "j"), ["finance"], "train_pref", PrepStats())
-    b = pairing.load_pairs(str(tmp_path / "p"), ["finance"], "train_pref", PrepStats())
+            assert from_jsonl.column(name).to_pylist() == expected, name
+    a = planned_rows(tmp_path / "j", ["finance"], "train_pref", PrepStats(), min_score_ratio=None)
+    b = planned_rows(tmp_path / "p", ["finance"], "train_pref", PrepStats(), min_score_ratio=None)
     assert pair_keys(a) == pair_keys(b)
 
 
@@ -47,11 +47,11 @@ def test_sharded_parquet(tmp_path):
     write_parquet(folder / "train_pref-00000-of-00002.parquet", rows[:cut])
     write_parquet(folder / "validation_pref.parquet", rows[:3])  # another split: not picked up
     ds = compred.load_split(str(tmp_path / "c"), "finance", "train_pref")
-    assert ds.to_list() == rows  # both shards, shard 0 first
+    assert ds.to_pylist() == rows  # both shards, shard 0 first
     # per-post caps see a post across shards
-    pairs = pairing.load_pairs(str(tmp_path / "c"), ["finance"], "train_pref", PrepStats())
-    out = pairing.subsample(pairs, None, 1, seed=0, stats=PrepStats())
-    assert sorted(out["post_id"]) == sorted({r["post_id"] for r in rows})
+    out = planned_rows(tmp_path / "c", ["finance"], "train_pref", PrepStats(), min_score_ratio=None,
+                       max_pairs_per_post=1, seed=0)
+    assert sorted(out.column("post_id").to_pylist()) == sorted({r["post_id"] for r in rows})
 
 
 def test_sharded_jsonl(tmp_path):
@@ -59,7 +59,8 @@ def test_sharded_jsonl(tmp_path):
     folder = tmp_path / "c" / "finance"
     write_jsonl(folder / "test_pref-00000-of-00002.jsonl", rows[:5])
     write_jsonl(folder / "test_pref-00001-of-00002.jsonl", rows[5:])
-    assert compred.load_split(str(tmp_path / "c"), "finance", "test_pref")["post_id"] == [r["post_id"] for r in rows]
+    ds = compred.load_split(str(tmp_path / "c"), "finance", "test_pref")
+    assert ds.column("post_id").to_pylist() == [r["post_id"] for r in rows]
 
 
 def test_shards_with_integral_float_field_concatenate(tmp_path):
@@ -205,3 +206,33 @@ def test_prompt_split_missing_field(tmp_path):
     assert_names(err, path, "history")
 
 
+
+
+def test_hub_files_are_the_configs_data_files_fetched_at_their_revision(tmp_path, monkeypatch):
+    """A Hub id: the files ``datasets`` lists for the config's split (``hf://datasets/<repo>@<revision>/...``),
+    each fetched by ``huggingface_hub`` at that revision, then read as local parquet (no Arrow copy)."""
+    import types
+
+    import datasets
+    import huggingface_hub
+
+    rows = pref_rows(2)
+    local = {f"finance/train_pref-0000{i}-of-00002.parquet": write_parquet(tmp_path / f"shard{i}.parquet", part)
+             for i, part in enumerate((rows[:4], rows[4:]))}
+    asked = []
+
+    def builder(repo, config):
+        assert (repo, config) == ("allenai/compred", "finance")
+        urls = [f"hf://datasets/allenai/compred@0123abcd/{name}" for name in local]
+        return types.SimpleNamespace(config=types.SimpleNamespace(data_files={"train_pref": urls}))
+
+    def download(repo, filename, repo_type, revision):
+        asked.append((repo, filename, repo_type, revision))
+        return str(local[filename])
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert compred.load_split("allenai/compred", "finance", "train_pref").to_pylist() == rows
+    assert asked[0] == ("allenai/compred", "finance/train_pref-00000-of-00002.parquet", "dataset", "0123abcd")
+    with pytest.raises(ComPreDDataError, match="has no split 'test_pref'"):
+        compred.load_split("allenai/compred", "finance", "test_pref")

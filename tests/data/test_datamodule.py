@@ -81,38 +81,56 @@ def test_prompts_one_per_post_and_stats(small_compred):
     assert d.stats["test_prompts"].rows == 3 * len(ds)
 
 
-def test_truncation_is_counted(small_compred):
+def test_truncation_is_counted(small_compred, tokenizer):
+    """The counts against an independent reading: a post is shortened where the whole prompt's text is over the
+    prompt budget, a response cut where prompt + response + EOS is over ``max_length``."""
+    from personalm.data.compred import PrepStats
+    from personalm.data.prompt import format_prompt
+    from tests.helpers import planned_rows
+
     d = dm(small_compred, max_length=56, max_prompt_length=40)
     d.setup("validate")
-    stats = d.stats["validation_pref"]
-    ds = d.splits["validation_pref"]
-    assert stats.post_shortened > 0 and stats.response_cut > 0 and stats.dropped == 0
-    assert stats.shortened == sum(a or b for a, b in zip(ds["post_shortened"], ds["response_cut"]))
+    stats, ds = d.stats["validation_pref"], d.splits["validation_pref"]
+    source = planned_rows(small_compred, ["finance", "history"], "validation_pref", PrepStats()).to_pylist()
+    assert stats.dropped == 0 and len(source) == len(ds)
+    long_post = [len(tokenizer(format_prompt(f"r/{r['community']}", r["title"], r["post"]))["input_ids"]) > 40
+                 for r in source]
+    cut = [len(p) + len(tokenizer(r["chosen"], add_special_tokens=False)["input_ids"]) + 1 > 56
+           for p, r in zip(ds["prompt_ids"], source)]
+    assert 0 < stats.post_shortened == sum(long_post) < len(ds)
+    assert 0 < stats.response_cut == sum(cut)
+    assert stats.shortened == sum(a or b for a, b in zip(long_post, cut))
     assert max(len(p) for p in ds["prompt_ids"]) <= 40
     assert max(len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["chosen_ids"])) <= 56
 
 
 def test_variant_rows_hold_the_true_rows_post_text_with_a_sentencepiece_tokenizer(small_compred, tmp_path):
     """The none/random rows score the same post text and responses as the true row (Mistral's tokenizer)."""
+    from personalm.data.compred import PrepStats
     from personalm.data.prompt import format_prompt
-    from tests.helpers import write_mistral_tokenizer
+    from tests.helpers import planned_rows, write_mistral_tokenizer
 
     folder = write_mistral_tokenizer(tmp_path / "mistral")
     d = dm(small_compred, rows="preference", conditioning_variants=True, tokenizer=str(folder), max_length=96,
            max_prompt_length=48)
     d.setup("test")
     ds, tok = d.splits["test_pref"], d.tokenizer
-    assert 0 < d.stats["test_pref"].post_shortened < len(ds)
-    for row in ds:
-        post = row["post"][:row["post_chars"]]
-        shown = {"prompt_ids": row["prompt_community"], "none_prompt_ids": "Reddit",
-                 "random_prompt_ids": None}
+    source = planned_rows(small_compred, ["finance", "history"], "test_pref", PrepStats()).to_pylist()
+    assert len(source) == len(ds) and 0 < d.stats["test_pref"].post_shortened < len(ds)
+    for row, src in zip(ds, source):
+        assert (row["post_id"], row["community"]) == (src["post_id"], src["community"])
+        head = f"<|domain|>\nr/{src['community']}\n<|user|>\n{src['title']}\n"
+        text = tok.decode(row["prompt_ids"], skip_special_tokens=True)
+        assert text.startswith(head) and text.endswith("\n<|assistant|>\n")
+        post = text[len(head):-len("\n<|assistant|>\n")]
+        assert src["post"].startswith(post)  # the true prompt holds a prefix of the post (shortened or whole)
+        shown = {"prompt_ids": f"r/{src['community']}", "none_prompt_ids": "Reddit", "random_prompt_ids": None}
         for column, community in shown.items():
             ids = row[column]
             if community is None:  # the random community: read it back from the ids
                 community = tok.decode(ids, skip_special_tokens=True).split("\n")[1]
-                assert community.startswith("r/") and community != row["prompt_community"]
-            assert ids == tok(format_prompt(community, row["title"], post), split_special_tokens=True)["input_ids"]
+                assert community.startswith("r/") and community != f"r/{src['community']}"
+            assert ids == tok(format_prompt(community, src["title"], post), split_special_tokens=True)["input_ids"]
             assert len(ids) <= 48 or column != "prompt_ids"  # a variant may pass it by its community's tokens
             assert len(ids) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 96
 

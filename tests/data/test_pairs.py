@@ -1,15 +1,16 @@
 """ComPreD rows to training rows: A/B -> chosen/rejected, the paper's subsample and caps, one prompt per post,
-documented skips counted."""
+documented skips counted. The split-level checks run the preparation's own plan (``prepare.plan_split``)."""
 
 from collections import Counter
 
-import datasets
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from personalm.data import pairs as pairing
 from personalm.data.compred import PrepStats
+from tests.helpers import planned_rows, read_jsonl, write_jsonl
 from tests.helpers import pref_row as row
-from tests.helpers import read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # A/B -> chosen/rejected
@@ -21,7 +22,7 @@ def test_to_pairs_swaps_on_labels_including_scores():
         row(post_id="p2", human_ref_A="gamma", human_ref_B="delta", score_A=2, score_B=9, labels=0,
             score_ratio=4.5, domain="r/Frugal_validation"),
     ]
-    pairs = pairing.to_pairs(datasets.Dataset.from_list(rows)).to_list()
+    pairs = pairing.to_pairs(pa.Table.from_pylist(rows)).to_pylist()
     assert [(p["chosen"], p["rejected"], p["score_chosen"], p["score_rejected"]) for p in pairs] == [
         ("alpha", "beta", 10, 3), ("delta", "gamma", 9, 2)]
     assert [p["community"] for p in pairs] == ["personalfinance", "Frugal"]
@@ -36,7 +37,8 @@ def test_load_pairs_chosen_is_the_labelled_winner(small_compred):
     raw = read_jsonl(small_compred / "finance" / "train_pref.jsonl")
     assert {r["labels"] for r in raw} == {0, 1}  # both branches are exercised
     stats = PrepStats()
-    pairs = pairing.load_pairs(str(small_compred), ["finance"], "train_pref", stats).to_list()
+    pairs = planned_rows(small_compred, ["finance"], "train_pref", stats, min_score_ratio=None,
+                         max_pairs_per_post=None).to_pylist()
     assert stats.rows == len(raw) and not stats.skipped and len(pairs) == len(raw)
     for r, p in zip(raw, pairs):
         a_wins = r["labels"] == 1
@@ -50,11 +52,11 @@ def test_load_pairs_chosen_is_the_labelled_winner(small_compred):
 
 def test_load_pairs_over_two_subsets(small_compred):
     stats = PrepStats()
-    ds = pairing.load_pairs(str(small_compred), ["finance", "history"], "validation_pref", stats)
+    ds = planned_rows(small_compred, ["finance", "history"], "validation_pref", stats)
     n_fin = len(read_jsonl(small_compred / "finance" / "validation_pref.jsonl"))
     n_his = len(read_jsonl(small_compred / "history" / "validation_pref.jsonl"))
     assert ds.num_rows == stats.rows == n_fin + n_his
-    assert set(pairing.communities(ds)) == {"personalfinance", "wallstreetbets", "Frugal", "investing",
+    assert set(ds.column("community").to_pylist()) == {"personalfinance", "wallstreetbets", "Frugal", "investing",
                                             "AskHistorians", "HistoryMemes", "history", "AskEurope"}
 
 
@@ -63,15 +65,21 @@ def test_load_pairs_over_two_subsets(small_compred):
 
 
 @pytest.fixture(scope="module")
-def train_pairs(small_compred) -> datasets.Dataset:
-    return pairing.load_pairs(str(small_compred), ["finance"], "train_pref", PrepStats())
+def train_pairs(small_compred) -> pa.Table:
+    return planned_rows(small_compred, ["finance"], "train_pref", PrepStats(), min_score_ratio=None,
+                        max_pairs_per_post=None)
 
 
-def keys(ds: datasets.Dataset) -> list[tuple]:
-    return [(r["post_id"], r["chosen"], r["rejected"], r["score_ratio"]) for r in ds.to_list()]
+def keys(table: pa.Table) -> list[tuple]:
+    return [(r["post_id"], r["chosen"], r["rejected"], r["score_ratio"]) for r in table.to_pylist()]
 
 
-def test_subsample_matches_independent_count(train_pairs):
+def subsampled(table: pa.Table, min_ratio, per_post, seed: int) -> pa.Table:
+    codes = pa.compute.dictionary_encode(table.column("post_id")).combine_chunks().indices.to_numpy()
+    return table.take(pairing.subsample(table.column("score_ratio").to_numpy(), codes, min_ratio, per_post, seed))
+
+
+def test_subsample_matches_independent_count(train_pairs, small_compred):
     min_ratio, per_post = 2.0, 2
     all_rows = keys(train_pairs)
     eligible = Counter(k[0] for k in all_rows if k[3] >= min_ratio)
@@ -80,8 +88,8 @@ def test_subsample_matches_independent_count(train_pairs):
     assert len(eligible) and expected < sum(eligible.values()) < len(all_rows)
 
     stats = PrepStats()
-    out = pairing.subsample(train_pairs, min_ratio, per_post, seed=0, stats=stats)
-    got = keys(out)
+    got = keys(planned_rows(small_compred, ["finance"], "train_pref", stats, min_score_ratio=min_ratio,
+                            max_pairs_per_post=per_post, seed=0))  # the preparation's own plan
     assert len(got) == expected
     assert stats.subsampled_out == len(all_rows) - expected
     assert all(k[3] >= min_ratio for k in got)
@@ -93,38 +101,32 @@ def test_subsample_matches_independent_count(train_pairs):
 
 def test_subsample_is_seeded(train_pairs):
     def run(seed):
-        return keys(pairing.subsample(train_pairs, 2.0, 1, seed=seed, stats=PrepStats()))
+        return keys(subsampled(train_pairs, 2.0, 1, seed))
 
     assert run(0) == run(0)
     assert Counter(run(0)) != Counter(run(1))
 
 
 def test_subsample_none_keeps_everything(train_pairs):
-    stats = PrepStats()
-    out = pairing.subsample(train_pairs, None, None, seed=0, stats=stats)
-    assert keys(out) == keys(train_pairs) and stats.subsampled_out == 0
+    assert keys(subsampled(train_pairs, None, None, 0)) == keys(train_pairs)
 
 
 def test_subsample_ratio_only(train_pairs):
-    out = pairing.subsample(train_pairs, 3.0, None, seed=0, stats=PrepStats())
+    out = subsampled(train_pairs, 3.0, None, 0)
     assert keys(out) == [k for k in keys(train_pairs) if k[3] >= 3.0]  # order kept
 
 
 def test_subsample_min_score_ratio_is_inclusive():
     ratios = [1.0, 1.99, 2.0, 2.01, 7.5]
-    ds = datasets.Dataset.from_dict({"post_id": [f"p{i}" for i in range(5)], "score_ratio": ratios})
-    stats = PrepStats()
-    out = pairing.subsample(ds, 2.0, 5, seed=0, stats=stats)
-    assert out["score_ratio"] == [2.0, 2.01, 7.5]  # "score_ratio >= 2", in the original order
-    assert stats.subsampled_out == 2
+    keep = pairing.subsample(np.array(ratios), np.arange(5), 2.0, 5, seed=0)
+    assert [ratios[i] for i in keep] == [2.0, 2.01, 7.5]  # "score_ratio >= 2", in the original order
 
 
 def test_seeded_limit():
-    ds = datasets.Dataset.from_dict({"i": list(range(50))})
-    assert pairing.seeded_limit(ds, None, 0)["i"] == list(range(50))
-    assert pairing.seeded_limit(ds, 50, 0)["i"] == list(range(50))
-    assert pairing.seeded_limit(ds, 80, 0)["i"] == list(range(50))
-    a, a2, b = (pairing.seeded_limit(ds, 10, s)["i"] for s in (4, 4, 5))
+    assert pairing.seeded_limit(50, None, 0).tolist() == list(range(50))
+    assert pairing.seeded_limit(50, 50, 0).tolist() == list(range(50))
+    assert pairing.seeded_limit(50, 80, 0).tolist() == list(range(50))
+    a, a2, b = (pairing.seeded_limit(50, 10, s).tolist() for s in (4, 4, 5))
     assert len(a) == 10 and len(set(a)) == 10 and set(a) <= set(range(50))
     assert a == sorted(a)  # original order kept
     assert a == a2
@@ -136,11 +138,12 @@ def test_seeded_limit():
 # Test prompts
 
 
-def test_to_prompts_one_per_post_in_file_order():
+def test_to_prompts_one_per_post_in_file_order(tmp_path):
     order = ["p2", "p1", "p2", "p3", "p1", "p3", "p4"]
     rows = [{"rank": i, "only_comment": False, "domain": f"c{p}_test", "post_id": p, "title": f"t{p}",
              "history": f"h{p}"} for i, p in enumerate(order)]
-    out = pairing.to_prompts(datasets.Dataset.from_list(rows)).to_list()
+    write_jsonl(tmp_path / "c" / "finance_test_prompts" / "test_prompts.jsonl", rows)
+    out = planned_rows(tmp_path / "c", ["finance"], "test_prompts", PrepStats()).to_pylist()
     assert [r["post_id"] for r in out] == ["p2", "p1", "p3", "p4"]
     assert out[0] == {"community": "cp2", "post_id": "p2", "title": "tp2", "post": "hp2"}
 
@@ -154,8 +157,8 @@ def test_load_prompts_dedups_the_synthetic_file(small_compred):
             expected.append(r["post_id"])
     assert len(expected) < len(raw)  # the file holds several rows per post
     stats = PrepStats()
-    ds = pairing.load_prompts(str(small_compred), ["finance"], stats)
-    assert ds["post_id"] == expected
+    ds = planned_rows(small_compred, ["finance"], "test_prompts", stats)
+    assert ds.column("post_id").to_pylist() == expected
     assert stats.rows == len(raw)
 
 
@@ -177,17 +180,17 @@ def test_content_problems_are_skipped_and_counted(tmp_path):
     ]
     write_jsonl(tmp_path / "c" / "finance" / "train_pref.jsonl", rows)
     stats = PrepStats()
-    pairs = pairing.load_pairs(str(tmp_path / "c"), ["finance"], "train_pref", stats)
+    pairs = planned_rows(tmp_path / "c", ["finance"], "train_pref", stats, min_score_ratio=None)
     assert stats.rows == len(rows)
     assert stats.skipped == {"empty_post": 1, "empty_response": 2, "identical_responses": 2}
-    assert pairs["post_id"] == ["ok1", "no_title_ok", "no_body_ok", "ok2"]
-    assert pairs["chosen"][-1] == "beta answer"
+    assert pairs.column("post_id").to_pylist() == ["ok1", "no_title_ok", "no_body_ok", "ok2"]
+    assert pairs.column("chosen").to_pylist()[-1] == "beta answer"
 
 
 def test_row_with_several_content_problems_is_counted_once(tmp_path):
     rows = [row(post_id="ok"), row(post_id="bad", title="", history="", human_ref_A="", human_ref_B="")]
     write_jsonl(tmp_path / "c" / "finance" / "train_pref.jsonl", rows)
     stats = PrepStats()
-    pairs = pairing.load_pairs(str(tmp_path / "c"), ["finance"], "train_pref", stats)
-    assert pairs["post_id"] == ["ok"]
+    pairs = planned_rows(tmp_path / "c", ["finance"], "train_pref", stats, min_score_ratio=None)
+    assert pairs.column("post_id").to_pylist() == ["ok"]
     assert sum(stats.skipped.values()) == 1
