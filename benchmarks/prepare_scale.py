@@ -53,7 +53,9 @@ def sample():  # peak RSS of this process, and of it plus its workers added up (
 threading.Thread(target=sample, daemon=True).start()
 mode, data, tok, cache, procs = sys.argv[1:6]
 import yaml
+from personalm.data import prepare
 from personalm.data.datamodule import ComPreDDataModule
+prepare.tasks.TASK_ROWS, prepare.PARALLEL_MIN_ROWS = int(sys.argv[7]), int(sys.argv[8])
 settings = yaml.safe_load(open(sys.argv[6]))["data"]
 settings.update(dataset=data, tokenizer=tok, cache_dir=cache, num_proc=int(procs))
 dm = ComPreDDataModule(**settings)
@@ -65,11 +67,12 @@ if mode == "prepare":
     out.update(rows=len(ds), steps=found.info["seconds"], stats=found.info["stats"], columns=ds.column_names,
                id_type=found.info["id_type"])
 elif mode == "floor":
-    from personalm.data import compred, prepare
+    from personalm.data import compred
     from personalm.data.prompt import format_prompt, normalize_domain
     import numpy as np, pyarrow.parquet as pq
     spec = prepare.RowSpec.of("train_pref", dm.hparams)
-    plan = prepare.plan_split(dm.files("train_pref"), spec, compred.PrepStats(), prepare.Progress("", lambda _: 0))
+    plan = prepare.planning.plan_split(dm.files("train_pref"), spec, compred.PrepStats(),
+                                       prepare.Progress("", lambda _: 0))
     tokenizer = dm.tokenizer
     t1 = time.perf_counter()  # the floor's clock starts here: reading and tokenizing
     rows = 0
@@ -100,9 +103,9 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def child(mode: str, data: Path, tok: Path, cache: Path, procs: int, env: dict) -> dict:
+def child(mode: str, data: Path, tok: Path, cache: Path, procs: int, env: dict, opts) -> dict:
     cmd = [sys.executable, "-c", CHILD, mode, str(data), str(tok), str(cache), str(procs),
-           str(ROOT / "configs" / "paper" / "dpo.yaml")]
+           str(ROOT / "configs" / "paper" / "dpo.yaml"), str(opts.task_rows), str(opts.parallel_min_rows)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
@@ -128,7 +131,14 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="where the data, the tokenizer and the caches go")
     ap.add_argument("--rows", type=int, default=2_245_068)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--row_group_rows", type=int, default=50_000, help="rows per parquet row group written")
+    ap.add_argument("--task_rows", type=int, default=None, help="kept rows per task (default: the library's)")
+    ap.add_argument("--parallel_min_rows", type=int, default=None, help="(default: the library's)")
     opts = ap.parse_args()
+    from personalm.data import prepare
+
+    opts.task_rows = prepare.tasks.TASK_ROWS if opts.task_rows is None else opts.task_rows
+    opts.parallel_min_rows = prepare.PARALLEL_MIN_ROWS if opts.parallel_min_rows is None else opts.parallel_min_rows
     work = Path(opts.dir)
     data, tok = work / "compred", mistral_folder(work / "mistral")
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -137,7 +147,8 @@ def main() -> None:
     if not (data / "finance").exists():
         t = time.perf_counter()
         shards = max(1, round(9 * opts.rows / 2_245_068))
-        print(compred_scale.write(data, compred_scale.Shape(rows=opts.rows, shards=shards),
+        print(compred_scale.write(data, compred_scale.Shape(rows=opts.rows, shards=shards,
+                                                            row_group_rows=opts.row_group_rows),
                                   str(tok / "tokenizer.model")), f"written in {time.perf_counter() - t:.0f} s")
     source = du(data / "finance")
     train_source = sum(p.stat().st_size for p in (data / "finance").glob("train_pref-*.parquet"))
@@ -151,12 +162,12 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(work / "hf-datasets-cache", ignore_errors=True)
         print(f"first preparation, num_proc {procs}:")
-        first[procs] = child("prepare", data, tok, cache, procs, env)
+        first[procs] = child("prepare", data, tok, cache, procs, env, opts)
         first[procs]["disk"] = du(cache) + du(work / "hf-datasets-cache")
     print("floor (one process, tokenizer(...) in batches of 1,000, reading included):")
-    floor = child("floor", data, tok, work / f"cache-np{opts.procs[0]}", 1, env)
+    floor = child("floor", data, tok, work / f"cache-np{opts.procs[0]}", 1, env, opts)
     print("second preparation (cache hit), a new process:")
-    hit = child("prepare", data, tok, work / f"cache-np{opts.procs[0]}", opts.procs[0], env)
+    hit = child("prepare", data, tok, work / f"cache-np{opts.procs[0]}", opts.procs[0], env, opts)
     parts = {procs: _digest(work / f"cache-np{procs}") for procs in opts.procs}
     same = len(set(parts.values())) == 1
     one = first[opts.procs[0]]

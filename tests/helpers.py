@@ -69,18 +69,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def planned_rows(root, subsets, split: str, stats, **settings) -> pa.Table:
-    """The rows the preparation's plan (``prepare.plan_split``) keeps of a split, read back from the source as
+    """The rows the preparation's plan (``prepare.planning.plan_split``) keeps of a split, read back from the source as
     pairs (or prompts), in order: what pass 2 would tokenize."""
     import numpy as np
 
-    from personalm.data import compred, pairs, prepare
+    from personalm.data import compred, pairs, prepare, sources
 
     hp = {"rows": "preference", "contextualize": True, "random_community": False, "conditioning_variants": False,
           "max_length": 128, "max_prompt_length": None, "seed": 42, "min_score_ratio": 2.0, "max_pairs_per_post": 5,
           "max_train_pairs": None, "max_eval_pairs": None, **settings}
     spec = prepare.RowSpec.of(split, hp)
-    files = [(s, compred.source_files(str(root), s, split)) for s in subsets]
-    plan = prepare.plan_split(files, spec, stats, prepare.Progress(split, lambda _: None))
+    files = [(s, sources.source_files(str(root), s, split)) for s in subsets]
+    plan = prepare.planning.plan_split(files, spec, stats, prepare.Progress(split, lambda _: None))
     parts = []
     for unit in plan.units:
         groups = None if unit.row_group is None else [unit.row_group]

@@ -1,5 +1,6 @@
 """The benchmark scripts' small settings run on CPU (the figures themselves are read, never asserted)."""
 
+import ast
 import json
 import os
 import subprocess
@@ -52,14 +53,18 @@ def test_epoch_benchmark_small_setting_trains_the_same_curve_as_trl(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_scale_small_setting_runs(tmp_path):
-    """``benchmarks/prepare_scale.py`` on 20,000 rows: the data is written, both num_proc runs, the floor and the
-    cache hit come out, and both runs prepared the same rows."""
+    """``benchmarks/prepare_scale.py`` on 20,000 rows in row groups of 2,000, tasks of 3,000 rows and no minimum for
+    workers: the data is written, num_proc 1 and 2 (really two processes) run, the floor and the cache hit come
+    out, and both runs prepared the same rows."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prepare_scale.py"), "--dir", str(tmp_path),
-                           "--rows", "20000"], capture_output=True, text=True, timeout=600,
+                           "--rows", "20000", "--row_group_rows", "2000", "--task_rows", "3000",
+                           "--parallel_min_rows", "0"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for row in ("| floor |", "| first, num_proc 1 (", "| first, num_proc 2 (", "| cache hit |"):
         assert row in out, out
     assert "same prepared files for every num_proc: True" in out, out
-    assert "'rows': 20000" in out and "'rows_out': 1" in out  # every row read, about half used
+    assert "train_pref: tokenize (2 processes): " in out, out
+    stats = ast.literal_eval(out.split("stats: ", 1)[1].splitlines()[0])
+    assert stats["rows"] == 20000 and 8000 < stats["rows_out"] < 15000, stats  # every row read, about 57% kept

@@ -11,9 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from personalm.data import compred, encoding, pairs, prepare, prompt
+from personalm.data import compred, encoding, pairs, prompt, sources
+from personalm.data.prepare import planning, spec, tasks
 
-ROW_SHAPING_MODULES = (prompt, encoding, compred, pairs, prepare)  # their source is part of the key
+ROW_SHAPING_MODULES = (prompt, encoding, compred, sources, pairs, spec, planning, tasks)  # their source: in the key
 
 
 def tokenizer_identity(tok) -> str:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from personalm.data import compred, prepare, synthetic
+from personalm.data import compred, prepare, sources, synthetic
 from personalm.data.batching import LengthGroupedSampler, by_length, row_lengths
 from personalm.data.cache_key import split_key, tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
@@ -111,6 +111,7 @@ class ComPreDDataModule(L.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}
         self.stats: dict[str, compred.PrepStats] = {}
         self._tokenizer = None
+        self._reported: dict[str, Path] = {}  # the folder each split's log line named
 
     # -- preparation ------------------------------------------------------------------------------
 
@@ -153,18 +154,26 @@ class ComPreDDataModule(L.LightningDataModule):
         return {split: self.prepared(split) for split in self._splits_for(None)}
 
     def files(self, split: str) -> list[tuple[str, list[Path]]]:
-        return [(subset, compred.source_files(self.source, subset, split)) for subset in self.subsets]
+        return [(subset, sources.source_files(self.source, subset, split)) for subset in self.subsets]
 
-    def prepared(self, split: str) -> prepare.Prepared:
+    def prepared(self, split: str, build: bool = True) -> prepare.Prepared:
         """The prepared split (``personalm.data.prepare``): opened if a process or an earlier run prepared it
-        with the same key, else prepared here."""
+        with the same key, else prepared here (``build``) or a clear error."""
         files = self.files(split)
         spec = prepare.RowSpec.of(split, self.hparams)
         key = split_key(files, spec, self.tokenizer)
         folder = self.cache_root / f"{split}-{key}"
         found = prepare.find(folder)
+        if found is None and not build:
+            raise compred.ComPreDDataError(
+                f"{split}: the prepared split {folder} is missing on this process (rank {self.trainer.global_rank}), "
+                "which only opens what prepare_data made: is cache_dir on storage this node does not share with the "
+                "process that prepared (then keep trainer.prepare_data_per_node true), or did the source change "
+                "since? Run python -m personalm prepare with the same settings first")
         if found is None:
-            found = prepare.prepare(files, spec, self.tokenizer, folder, key, self.num_proc, log=rank_zero_info)
+            where = sources.describe_source(self.source, self.subsets, split)
+            found = prepare.prepare(files, spec, self.tokenizer, folder, key, self.num_proc, log=rank_zero_info,
+                                    where=where)
             verb = "prepared in"
         else:
             verb = "read from"
@@ -176,16 +185,19 @@ class ComPreDDataModule(L.LightningDataModule):
         return self.hparams.num_proc or prepare.default_num_proc()
 
     def _open(self, split: str) -> datasets.Dataset:
+        """Under a trainer with several processes only opened (``prepare_data`` prepared it); else prepared
+        here when missing (a script, a test, one process)."""
         if split not in self.splits:
-            found = self.prepared(split)
+            trainer = self.trainer
+            found = self.prepared(split, build=trainer is None or trainer.world_size <= 1)
             self.splits[split], self.stats[split] = found.dataset(), found.stats
         return self.splits[split]
 
     def _report(self, split: str, found: prepare.Prepared, verb: str) -> None:
         hp, stats = self.hparams, found.stats
-        if getattr(self, "_reported", {}).get(split) == found.folder:
+        if self._reported.get(split) == found.folder:
             return
-        self._reported = {**getattr(self, "_reported", {}), split: found.folder}
+        self._reported[split] = found.folder
         budget = prompt_budget(hp.max_length, hp.max_prompt_length)
         rank_zero_info(
             f"[personalm] {split}: {stats.rows} rows read, skipped {stats.skipped or 'none'}, "

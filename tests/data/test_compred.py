@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from personalm.data import compred
+from personalm.data import compred, sources
 from personalm.data.compred import ComPreDDataError, PrepStats
 from tests.helpers import planned_rows, pref_rows, write_jsonl, write_parquet
 
@@ -24,8 +24,8 @@ def test_jsonl_and_parquet_load_the_same(tmp_path):
     rows = pref_rows(2)
     write_jsonl(tmp_path / "j" / "finance" / "train_pref.jsonl", rows)
     write_parquet(tmp_path / "p" / "finance" / "train_pref.parquet", rows)
-    from_jsonl = compred.load_split(str(tmp_path / "j"), "finance", "train_pref")
-    from_parquet = compred.load_split(str(tmp_path / "p"), "finance", "train_pref")
+    from_jsonl = sources.load_split(str(tmp_path / "j"), "finance", "train_pref")
+    from_parquet = sources.load_split(str(tmp_path / "p"), "finance", "train_pref")
     assert from_jsonl.num_rows == from_parquet.num_rows == len(rows)
     assert from_parquet.to_pylist() == rows
     for name in compred.PREFERENCE_SCHEMA:
@@ -46,7 +46,7 @@ def test_sharded_parquet(tmp_path):
     write_parquet(folder / "train_pref-00001-of-00002.parquet", rows[cut:])
     write_parquet(folder / "train_pref-00000-of-00002.parquet", rows[:cut])
     write_parquet(folder / "validation_pref.parquet", rows[:3])  # another split: not picked up
-    ds = compred.load_split(str(tmp_path / "c"), "finance", "train_pref")
+    ds = sources.load_split(str(tmp_path / "c"), "finance", "train_pref")
     assert ds.to_pylist() == rows  # both shards, shard 0 first
     # per-post caps see a post across shards
     out = planned_rows(tmp_path / "c", ["finance"], "train_pref", PrepStats(), min_score_ratio=None,
@@ -59,7 +59,7 @@ def test_sharded_jsonl(tmp_path):
     folder = tmp_path / "c" / "finance"
     write_jsonl(folder / "test_pref-00000-of-00002.jsonl", rows[:5])
     write_jsonl(folder / "test_pref-00001-of-00002.jsonl", rows[5:])
-    ds = compred.load_split(str(tmp_path / "c"), "finance", "test_pref")
+    ds = sources.load_split(str(tmp_path / "c"), "finance", "test_pref")
     assert ds.column("post_id").to_pylist() == [r["post_id"] for r in rows]
 
 
@@ -69,7 +69,7 @@ def test_shards_with_integral_float_field_concatenate(tmp_path):
     folder = tmp_path / "c" / "finance"
     write_jsonl(folder / "train_pref-00000-of-00002.jsonl", first)
     write_jsonl(folder / "train_pref-00001-of-00002.jsonl", rows[6:])
-    ds = compred.load_split(str(tmp_path / "c"), "finance", "train_pref")
+    ds = sources.load_split(str(tmp_path / "c"), "finance", "train_pref")
     assert ds.num_rows == len(rows)
 
 
@@ -96,7 +96,7 @@ def corrupt(rows: list[dict], **changes) -> list[dict]:
 
 
 def load_finance(root: Path):
-    return compred.load_split(str(root), "finance", "train_pref")
+    return sources.load_split(str(root), "finance", "train_pref")
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "parquet"])
@@ -187,14 +187,14 @@ def test_path_that_does_not_exist(tmp_path):
 def test_subset_that_does_not_exist(tmp_path):
     write_jsonl(tmp_path / "c" / "finance" / "train_pref.jsonl", pref_rows(1))
     with pytest.raises(ComPreDDataError) as err:
-        compred.load_split(str(tmp_path / "c"), "politics", "train_pref")
+        sources.load_split(str(tmp_path / "c"), "politics", "train_pref")
     assert "politics" in str(err.value)
 
 
 def test_split_that_does_not_exist(tmp_path):
     write_jsonl(tmp_path / "c" / "finance" / "train_pref.jsonl", pref_rows(1))
     with pytest.raises(ComPreDDataError) as err:
-        compred.load_split(str(tmp_path / "c"), "finance", "test_pref")
+        sources.load_split(str(tmp_path / "c"), "finance", "test_pref")
     assert "test_pref" in str(err.value) and str(tmp_path / "c" / "finance") in str(err.value)
 
 
@@ -202,7 +202,7 @@ def test_prompt_split_missing_field(tmp_path):
     rows = [{"rank": 1, "domain": "x", "post_id": "p", "title": "t"}]  # no history
     path = write_jsonl(tmp_path / "c" / "finance_test_prompts" / "test_prompts.jsonl", rows)
     with pytest.raises(ComPreDDataError) as err:
-        compred.load_split(str(tmp_path / "c"), "finance", compred.PROMPT_SPLIT)
+        sources.load_split(str(tmp_path / "c"), "finance", compred.PROMPT_SPLIT)
     assert_names(err, path, "history")
 
 
@@ -232,7 +232,7 @@ def test_hub_files_are_the_configs_data_files_fetched_at_their_revision(tmp_path
 
     monkeypatch.setattr(datasets, "load_dataset_builder", builder)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    assert compred.load_split("allenai/compred", "finance", "train_pref").to_pylist() == rows
+    assert sources.load_split("allenai/compred", "finance", "train_pref").to_pylist() == rows
     assert asked[0] == ("allenai/compred", "finance/train_pref-00000-of-00002.parquet", "dataset", "0123abcd")
     with pytest.raises(ComPreDDataError, match="has no split 'test_pref'"):
-        compred.load_split("allenai/compred", "finance", "test_pref")
+        sources.load_split("allenai/compred", "finance", "test_pref")

@@ -1,5 +1,5 @@
 """ComPreD rows to training rows: A/B -> chosen/rejected, the paper's subsample and caps, one prompt per post,
-documented skips counted. The split-level checks run the preparation's own plan (``prepare.plan_split``)."""
+documented skips counted. The split-level checks run the preparation's own plan (``prepare.planning.plan_split``)."""
 
 from collections import Counter
 

@@ -37,14 +37,15 @@ def rows_of(d: ComPreDDataModule) -> dict:
 def parallel(monkeypatch):
     """Worker processes even for the small test data: many small tasks, no minimum size."""
     monkeypatch.setattr(prepare, "PARALLEL_MIN_ROWS", 0)
-    monkeypatch.setattr(prepare, "TASK_ROWS", 60)
+    monkeypatch.setattr(prepare.tasks, "TASK_ROWS", 60)
 
 
 @pytest.mark.parametrize("settings", [
     {"rows": "preference", "conditioning_variants": True},
     {"rows": "sft", "random_community": True, "max_train_pairs": 150},
 ], ids=["preference+variants", "sft+random-community"])
-def test_two_processes_prepare_what_one_does(small_compred, mistral_tokenizer, tmp_path, parallel, settings):
+def test_two_processes_prepare_what_one_does(small_compred, mistral_tokenizer, tmp_path, parallel, settings, caplog):
+    caplog.set_level("INFO")
     tok = mistral_tokenizer.name_or_path
     one = dm(small_compred, tmp_path / "one", tokenizer=tok, num_proc=1, **settings)
     two = dm(small_compred, tmp_path / "two", tokenizer=tok, num_proc=2, **settings)
@@ -55,7 +56,8 @@ def test_two_processes_prepare_what_one_does(small_compred, mistral_tokenizer, t
         assert one.stats[split] == two.stats[split], split
     assert one.stats["test_prompts"].post_shortened > 0  # shortening ran, and ran alike
     tasks = [json.loads(p.read_text())["parts"] for p in (tmp_path / "two").glob("*/info.json")]
-    assert max(len(t) for t in tasks) == 2  # a task per subset's file: two processes took them
+    assert max(len(t) for t in tasks) == 2  # a task per subset's file
+    assert "train_pref: tokenize (2 processes)" in caplog.text  # and two worker processes took them
 
 
 def write_mixed_shards(root: Path) -> Path:
@@ -80,15 +82,21 @@ def write_mixed_shards(root: Path) -> Path:
     return root
 
 
-def test_shards_of_different_arrow_types_prepare_alike_in_two_processes(tmp_path, tokenizer, parallel):
-    root = write_mixed_shards(tmp_path / "data")
+def test_shards_of_different_arrow_types_prepare_alike_in_two_processes(tmp_path, tokenizer, parallel, monkeypatch,
+                                                                         caplog):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(compred, "CHUNK_ROWS", 4)  # a row group read in several chunks (in the workers too:
+    root = write_mixed_shards(tmp_path / "data")  # they read whole row groups, so this checks the plan's offsets)
     kw = {"subset": "finance", "rows": "preference", "min_score_ratio": None, "max_pairs_per_post": None}
     one, two = (dm(root, tmp_path / f"c{n}", num_proc=n, **kw) for n in (1, 2))
     one.setup("fit")
     two.setup("fit")
     a, b = one.splits["train_pref"], two.splits["train_pref"]
     assert a.to_list() == b.to_list() and len(a) == len(pref_rows(12, subset="finance"))  # every row, in order
-    units = prepare.plan_split(one.files("train_pref"), prepare.RowSpec.of("train_pref", one.hparams),
+    assert "train_pref: tokenize (2 processes)" in caplog.text
+    source = [r["post_id"] for r in pref_rows(12, subset="finance")]
+    assert a["post_id"] == source
+    units = prepare.planning.plan_split(one.files("train_pref"), prepare.RowSpec.of("train_pref", one.hparams),
                                compred.PrepStats(), prepare.Progress("t", lambda _: None)).units
     assert len(units) >= 5 and len({u.file for u in units}) == 3
 
@@ -124,7 +132,7 @@ def forbid_preparing(monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("a prepared split was computed again")
 
-    for owner, name in ((prepare, "plan_split"), (prepare, "run_task"), (pairs, "subsample"),
+    for owner, name in ((prepare.planning, "plan_split"), (prepare.tasks, "run_task"), (pairs, "subsample"),
                         (encoding.PlainTokenizer, "encode")):
         monkeypatch.setattr(owner, name, refuse)
 
@@ -147,6 +155,12 @@ def test_the_key_follows_the_source_files_and_only_the_settings_of_that_split(tm
     fewer = dm(root, tmp_path / "cache", subset="finance", max_pairs_per_post=1)
     assert fewer.prepared("validation_pref").folder == folders["validation_pref"]  # a training setting
     assert fewer.prepared("train_pref").folder != folders["train_pref"]
+    other_seed = dm(root, tmp_path / "cache", subset="finance", seed=7)
+    assert other_seed.prepared("validation_pref").folder == folders["validation_pref"]  # no draw acts on it
+    assert other_seed.prepared("train_pref").folder != folders["train_pref"]  # the per-post draw does
+    assert dm(root, tmp_path / "cache", subset="finance", seed=7, max_eval_pairs=5).prepared(
+        "validation_pref").folder != dm(root, tmp_path / "cache", subset="finance", max_eval_pairs=5).prepared(
+        "validation_pref").folder  # a seeded cap does
     path = root / "finance" / "validation_pref.jsonl"
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed (its time)
     assert dm(root, tmp_path / "cache", subset="finance").prepared("validation_pref").folder != \
@@ -160,35 +174,50 @@ def test_a_stale_temporary_folder_is_removed_and_a_live_one_kept(small_compred, 
     import socket
 
     shutil.rmtree(folder)
-    dead = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-999999999")
-    live = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getppid()}")
-    for tmp in (dead, live):
+    host = socket.gethostname()
+    dead = folder.with_name(f".{folder.name}.tmp-{host}-999999999")
+    other_key = folder.with_name(f".validation_pref-0123.tmp-{host}-999999998")  # another key, killed too
+    live = folder.with_name(f".{folder.name}.tmp-{host}-{os.getppid()}")
+    elsewhere = folder.with_name(f".{folder.name}.tmp-gpu-{host}-999999999")  # host "gpu-<ours>": not ours
+    for tmp in (dead, other_key, live, elsewhere):
         tmp.mkdir()
         (tmp / "part-00000.arrow").write_bytes(b"half a file")
     assert dm(small_compred, tmp_path, rows="sft").prepared("validation_pref").folder == folder
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not other_key.exists() and live.exists() and elsewhere.exists()
 
 
-def test_log_lines_without_a_terminal_one_per_step(small_compred, tmp_path):
+def test_log_lines_without_a_terminal_one_per_step(tmp_path):
+    rows = pref_rows(3)
+    rows[4]["human_ref_A"] = " "  # skipped: counted among the rows read
+    rows[2]["title"] = "a very long title " * 20  # dropped after tokenization: counted as tokenized
+    write_parquet(tmp_path / "data" / "finance" / "train_pref.parquet", rows)
     lines = []
-    d = dm(small_compred, tmp_path, rows="preference")
+    d = dm(tmp_path / "data", tmp_path, rows="preference", subset="finance", min_score_ratio=None,
+           max_pairs_per_post=None, max_prompt_length=40, max_length=96)
     files = d.files("train_pref")
     spec = prepare.RowSpec.of("train_pref", d.hparams)
     prepare.prepare(files, spec, d.tokenizer, tmp_path / "x", "k", log=lines.append)
     assert len(lines) == 2, lines
     import re
 
-    rows = prepare.find(tmp_path / "x").stats
-    assert re.fullmatch(rf"\[personalm\] train_pref: read and check: {rows.rows:,} rows in [0-9.]+ s "
+    stats = prepare.find(tmp_path / "x").stats
+    assert stats.rows == len(rows) and stats.skipped == {"empty_response": 1} and stats.dropped == 1
+    tokenized = stats.rows - 1  # the rows kept, dropped ones included (they were tokenized)
+    assert re.fullmatch(rf"\[personalm\] train_pref: read and check: {len(rows)} rows in [0-9.]+ s "
                         rf"\([0-9,]+ rows/s\)", lines[0]), lines
-    assert re.fullmatch(rf"\[personalm\] train_pref: tokenize \(1 process\): {rows.rows_out:,} rows in [0-9.]+ s "
+    assert re.fullmatch(rf"\[personalm\] train_pref: tokenize \(1 process\): {tokenized} rows in [0-9.]+ s "
                         rf"\([0-9,]+ rows/s\)", lines[1]), lines
 
 
-def test_bad_input_is_named_and_leaves_no_prepared_split(tmp_path, tokenizer):
+def test_bad_input_is_named_and_leaves_no_prepared_split(tmp_path, tokenizer, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(compred, "CHUNK_ROWS", 2)  # row 7: the second row group's second chunk
     rows = pref_rows(3)
     rows[7]["score_A"] = None
-    write_parquet(tmp_path / "data" / "finance" / "train_pref-00001-of-00002.parquet", rows)
+    (tmp_path / "data" / "finance").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "finance" / "train_pref-00001-of-00002.parquet",
+                   row_group_size=4)
     write_parquet(tmp_path / "data" / "finance" / "train_pref-00000-of-00002.parquet", pref_rows(2))
     d = dm(tmp_path / "data", tmp_path / "cache", subset="finance")
     with pytest.raises(compred.ComPreDDataError, match=r"train_pref-00001-of-00002\.parquet: row 7, field 'score_A'"):
@@ -204,7 +233,7 @@ KILLED = """
 import sys
 from personalm.data import prepare
 from personalm.data.datamodule import ComPreDDataModule
-prepare.PARALLEL_MIN_ROWS, prepare.TASK_ROWS = 0, 200
+prepare.PARALLEL_MIN_ROWS, prepare.tasks.TASK_ROWS = 0, 200
 dm = ComPreDDataModule(dataset=sys.argv[1], subset="finance", rows="preference", cache_dir=sys.argv[2], num_proc=2,
                        max_length=256, min_score_ratio=None)
 dm.prepared("train_pref")
@@ -270,8 +299,8 @@ calls = []
 class Watched(ComPreDDataModule):
     def setup(self, stage=None):
         if self.trainer.global_rank != 0:  # this process must only open what rank 0 prepared
-            for owner, name in ((prepare, "plan_split"), (prepare, "run_task"), (pairs, "subsample"),
-                                (encoding.PlainTokenizer, "encode")):
+            for owner, name in ((prepare.planning, "plan_split"), (prepare.tasks, "run_task"),
+                                (pairs, "subsample"), (encoding.PlainTokenizer, "encode")):
                 def refuse(*a, _name=name, **k):
                     calls.append(_name)
                     raise AssertionError(f"{_name} called on rank 1")
