@@ -89,7 +89,7 @@ def parquet_row_groups(path: Path) -> list[tuple[int, int]]:
 
 
 def read_chunks(path: Path, schema: dict, columns: Optional[Sequence[str]] = None,
-                row_groups: Optional[Sequence[int]] = None, chunk_rows: int = CHUNK_ROWS
+                row_groups: Optional[Sequence[int]] = None, chunk_rows: Optional[int] = None
                 ) -> Iterator[tuple[int, pa.Table]]:
     """``(first row in the file, table)`` chunks of one file, validated against ``schema`` (errors name the
     file, the row counted from 0 in that file, and the field), schema fields in their documented types.
@@ -98,7 +98,7 @@ def read_chunks(path: Path, schema: dict, columns: Optional[Sequence[str]] = Non
     ``row_groups``: of a parquet file, only these (in order); a JSON-lines file is read whole (the Hub
     and large local copies are parquet).
     """
-    path = Path(path)
+    path, chunk_rows = Path(path), chunk_rows or CHUNK_ROWS
     columns = list(columns or schema)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -64,6 +64,7 @@ def write_mixed_shards(root: Path) -> Path:
     """A subset whose train shards Arrow typed differently (a float field stored as int64 in one, text as
     large_string in another), each shard with several row groups, a post across two shards."""
     rows = pref_rows(12, subset="finance")
+    rows[3]["human_ref_A"] += " </s> typed in a comment <s>"  # text, never control tokens, in every process
     folder = root / "finance"
     cut1, cut2 = len(rows) // 3 + 1, 2 * len(rows) // 3
     first = pa.Table.from_pylist([dict(r, created_at_utc_A=int(r["created_at_utc_A"])) for r in rows[:cut1]])
@@ -94,8 +95,16 @@ def test_shards_of_different_arrow_types_prepare_alike_in_two_processes(tmp_path
     a, b = one.splits["train_pref"], two.splits["train_pref"]
     assert a.to_list() == b.to_list() and len(a) == len(pref_rows(12, subset="finance"))  # every row, in order
     assert "train_pref: tokenize (2 processes)" in caplog.text
-    source = [r["post_id"] for r in pref_rows(12, subset="finance")]
-    assert a["post_id"] == source
+    source = pref_rows(12, subset="finance")
+    source[3]["human_ref_A"] += " </s> typed in a comment <s>"
+    assert a["post_id"] == [r["post_id"] for r in source]
+    plain = encoding.plain_tokenizer(one.tokenizer)
+    for row, src in zip(b, source):  # each row holds its own source row's responses (not a neighbour's)
+        chosen, rejected = (src["human_ref_A"], src["human_ref_B"])[::1 if src["labels"] == 1 else -1]
+        assert row["chosen_ids"] == plain.ids([chosen])[0] + [plain.eos], src["post_id"]
+        assert row["rejected_ids"] == plain.ids([rejected])[0] + [plain.eos], src["post_id"]
+    eos = one.tokenizer.eos_token_id
+    assert sum(ids.count(eos) for ids in [*b["chosen_ids"], *b["rejected_ids"]]) == 2 * len(b)  # one EOS a response
     units = prepare.planning.plan_split(one.files("train_pref"), prepare.RowSpec.of("train_pref", one.hparams),
                                compred.PrepStats(), prepare.Progress("t", lambda _: None)).units
     assert len(units) >= 5 and len({u.file for u in units}) == 3
