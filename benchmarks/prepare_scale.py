@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--task_rows", type=int, default=None, help="kept rows per task (default: the library's)")
     ap.add_argument("--parallel_min_rows", type=int, default=None, help="(default: the library's)")
     opts = ap.parse_args()
+    sys.path.insert(0, str(ROOT))  # the repository's personalm, installed or not (the children get PYTHONPATH)
     from personalm.data import prepare
 
     opts.task_rows = prepare.tasks.TASK_ROWS if opts.task_rows is None else opts.task_rows
