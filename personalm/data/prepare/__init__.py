@@ -140,7 +140,7 @@ def prepare(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, tokenizer, f
     tmp.mkdir()
     progress = Progress(spec.split, log)
     stats = PrepStats()
-    where = where or ", ".join(str(p) for _, paths in files for p in paths)
+    where = where or planning.files_named(files)
     try:
         plan = planning.plan_split(files, spec, stats, progress, where)
         plain = plain_tokenizer(tokenizer)
@@ -151,12 +151,9 @@ def prepare(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, tokenizer, f
             log(f"[personalm] {spec.split}: a tokenizer without a fast (Rust) backend: one process")
             procs = 1
         results = tasks.run_tasks(work, plain, procs, progress)
-        for r in results:
-            stats.post_shortened += r.post_shortened
-            stats.response_cut += r.response_cut
-            stats.shortened += r.shortened
-            stats.dropped += r.dropped
-            stats.rows_out += r.rows
+        done = sum(results, tasks.TaskResult())
+        stats.post_shortened, stats.response_cut, stats.shortened, stats.dropped, stats.rows_out = (
+            done.post_shortened, done.response_cut, done.shortened, done.dropped, done.rows)
         if stats.rows_out == 0:
             budget = prompt_budget(spec.max_length, spec.max_prompt_length)
             raise planning.empty_split(where, spec, stats, f"the length limits (markers, community and title of "

@@ -54,7 +54,7 @@ def plan_split(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, stats: Pr
                where: str = "") -> Plan:
     """Pass 1 over ``files`` ((subset, its files) in order): validation, documented skips, the selection.
     ``where``: the rows' source as errors name it (default: the files)."""
-    where = where or ", ".join(str(p) for _, paths in files for p in paths)
+    where = where or files_named(files)
     prompts = spec.rows == "prompts"
     schema = compred.schema_of(spec.split)
     post_codes, community_codes, names = _Codes(), _Codes(), {}
@@ -113,6 +113,11 @@ def plan_split(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, stats: Pr
     kept_communities = np.unique(np.concatenate(communities)[keep])
     return Plan(units=[u for u in units if len(u.rows)], kept=len(keep),
                 communities=sorted({normalize_domain(names[c]) for c in kept_communities}))
+
+
+def files_named(files: Sequence[tuple[str, list[Path]]]) -> str:
+    """The files of a split, as an error names where its rows come from."""
+    return ", ".join(str(p) for _, paths in files for p in paths)
 
 
 def empty_split(where: str, spec: RowSpec, stats: PrepStats, after: str) -> ComPreDDataError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import astuple, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,11 +39,16 @@ class Task:
 
 @dataclass
 class TaskResult:
+    """What tokenizing some rows did: rows written, and the counts ``PrepStats`` reports."""
+
     rows: int = 0
     post_shortened: int = 0
     response_cut: int = 0
     shortened: int = 0
     dropped: int = 0
+
+    def __add__(self, other: "TaskResult") -> "TaskResult":
+        return TaskResult(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 def _ids(seqs: Sequence[Sequence[int]], id_type: str) -> pa.Array:
@@ -122,8 +127,7 @@ def run_task(task: Task, tokenizer: Optional[PlainTokenizer] = None) -> TaskResu
                     rows = {name: part.column(name).to_pylist() for name in
                             ("community", "post_id", "title", "post", *(() if prompts else ("chosen", "rejected")))}
                     out, done = encode_rows(tokenizer, spec, task.communities, rows)
-                    for name in asdict(total):
-                        setattr(total, name, getattr(total, name) + getattr(done, name))
+                    total += done
                     if not done.rows:
                         continue
                     batch = pa.record_batch({name: _ids(out[name], task.id_type) if name.endswith("_ids")
