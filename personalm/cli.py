@@ -81,6 +81,17 @@ class PersonalmCLI(LightningCLI):
         if check is not None:
             check(str(self.trainer.precision))
 
+    def before_predict(self) -> None:
+        """``generation.backend: vllm`` without vLLM fails here, in one line, before any data is prepared."""
+        settings = getattr(self.model, "generation_settings", None)
+        if settings is not None and settings.backend == "vllm":
+            from personalm.training.vllm_generation import VLLMUnavailable, require_vllm
+
+            try:
+                require_vllm()
+            except VLLMUnavailable as err:
+                raise SystemExit(f"[personalm] {err}") from None
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")

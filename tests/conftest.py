@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from personalm.data import synthetic  # noqa: E402
-from tests.helpers import DEMO, DEMO_REWARD, SMALL_POSTS, quiet, write_mistral_tokenizer  # noqa: E402
+from tests.helpers import DEMO, DEMO_REWARD, SMALL_POSTS, eos_prone_llama, quiet, write_mistral_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,13 @@ def mistral_tokenizer(tmp_path_factory):
     tok = load_tokenizer(str(write_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))))
     assert len(tok) == 32000 and tok.bos_token_id == 1 and tok.eos_token_id == 2
     return tok
+
+
+@pytest.fixture(scope="session")
+def mistral_llama(tmp_path_factory, small_compred) -> Path:
+    """A random 19.5M-parameter Llama with the Mistral tokenizer (pad = EOS) that stops at EOS on some of
+    ``small_compred``'s test prompts (``tests.helpers.eos_prone_llama``)."""
+    return eos_prone_llama(tmp_path_factory.mktemp("mistral-llama"), small_compred)
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,8 @@ class ComPreDDataModule(L.LightningDataModule):
         self.stats: dict[str, compred.PrepStats] = {}
         self._tokenizer = None
         self._reported: dict[str, Path] = {}  # the folder each split's log line named
+        self._predict_batch_size: Optional[int] = None  # set by a module whose backend takes more (vLLM)
+        self._skip_predict: set = set()  # posts an interrupted predict already wrote
 
     # -- preparation ------------------------------------------------------------------------------
 
@@ -254,6 +256,10 @@ class ComPreDDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test_pref", False, self.eval_batch_size)
 
+    def set_predict_batch_size(self, size: int) -> None:
+        """``predict``'s batch size instead of ``eval_batch_size`` (the vLLM backend takes many prompts at once)."""
+        self._predict_batch_size = size
+
     def skip_predictions(self, indices) -> None:
         """Posts (by ``index``) whose predictions an interrupted run already wrote: ``predict`` leaves them out."""
         self._skip_predict = set(indices)
@@ -263,8 +269,8 @@ class ComPreDDataModule(L.LightningDataModule):
         default for predict gives some processes one batch fewer, and a sharded model's processes must run the
         same forward passes); the predictions writer keeps each post once. Posts already predicted by an
         interrupted run are left out (all of them: the last is predicted again, so the run still ends)."""
-        loader = self._loader(compred.PROMPT_SPLIT, False, self.eval_batch_size)
-        skip = getattr(self, "_skip_predict", set())
+        loader = self._loader(compred.PROMPT_SPLIT, False, self._predict_batch_size or self.eval_batch_size)
+        skip = self._skip_predict
         if skip:
             ds = loader.dataset
             keep = [i for i, index in enumerate(ds["index"]) if index not in skip] or [len(ds) - 1]

@@ -52,7 +52,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def settings(trainer, pl_module) -> dict:
-        """What the predictions depend on: the model (its files), the decoding and the prompts."""
+        """What the predictions depend on: the model (its files), the dtype it runs in, the decoding (and its
+        backend) and the prompts."""
         from personalm.models import resolve
 
         name = pl_module.hparams.model_name_or_path
@@ -62,7 +63,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         dm = trainer.datamodule.hparams if trainer.datamodule is not None else {}
         return json.loads(json.dumps({
             "model": str(local.resolve()) if local.exists() else name, "model_files": files,
-            "eval_dtype": pl_module.hparams.get("eval_dtype"), "generation": asdict(pl_module.generation_settings),
+            "dtype": pl_module.load_dtype, "generation": asdict(pl_module.generation_settings),
             "data": {k: dm.get(k) for k in DATA_SETTINGS}}, default=str))
 
     def setup(self, trainer, pl_module, stage: str) -> None:

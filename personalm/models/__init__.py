@@ -11,6 +11,7 @@ from personalm.models.loading import (
                                       LLAMA_TARGETS,
                                       LoraSettings,
                                       add_lora,
+                                      compute_dtype,
                                       load_causal_lm,
                                       load_reward_model,
                                       load_tokenizer,
@@ -18,5 +19,5 @@ from personalm.models.loading import (
                                       upcast_trainable,
 )
 
-__all__ = ["EXPORT_RECORD", "LLAMA_TARGETS", "LoraSettings", "add_lora", "export_hf", "load_causal_lm",
+__all__ = ["EXPORT_RECORD", "LLAMA_TARGETS", "LoraSettings", "add_lora", "compute_dtype", "export_hf", "load_causal_lm",
            "load_reward_model", "load_tokenizer", "merge_lora_in_fp32", "resolve", "upcast_trainable"]

@@ -15,6 +15,16 @@ from personalm.paths import is_embedded, local_path
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# what each mixed precision computes in: the dtype evaluation holds its weights in (Lightning's precision names)
+COMPUTE_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+
+
+def compute_dtype(precision: Optional[str]) -> Optional[str]:
+    """The dtype a run under ``precision`` computes in, for weights that need no fp32 copy (evaluation,
+    generation, a judge); None where it computes in the weights' own dtype (``32-true``)."""
+    return COMPUTE_DTYPES.get(str(precision)) if precision is not None else None
+
+
 @dataclass
 class LoraSettings:
     """LoRA through peft; defaults are the paper's (r 64, alpha 16, dropout 0.1)."""

@@ -100,11 +100,14 @@ class Reference:
 
     @property
     def dtype(self) -> Optional[str]:
-        """``dtype`` in training; evaluating a DPO export, the dtype its reference had in training."""
+        """``dtype`` in training. Evaluating: ``eval_dtype`` or the compute dtype, as for the policy (bf16 under
+        ``bf16-mixed``); under ``32-true`` a DPO export's reference in the dtype it had in training."""
+        if self.module.training_run or self.module.load_dtype is not None:
+            return self.module.load_dtype
         record = self.trained_against()
         if record is not None and "reference_dtype" in record and not self.module.hparams.reference_name_or_path:
             return record["reference_dtype"]
-        return self.module.load_dtype
+        return None
 
     def check_tokenizer(self, tokenizer) -> None:
         if self.source == self.module.hparams.model_name_or_path:

@@ -65,7 +65,7 @@ def test_interrupted_run_leaves_whole_lines_and_keeps_an_earlier_file(tmp_path):
 
 
 def _settings(model="m1"):
-    return {"model": model, "model_files": [], "eval_dtype": None, "generation": {"max_new_tokens": 8},
+    return {"model": model, "model_files": [], "dtype": None, "generation": {"max_new_tokens": 8},
             "data": {"dataset": "d"}}
 
 
