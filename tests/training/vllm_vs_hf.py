@@ -1,11 +1,11 @@
 """Run in the vLLM environment by ``tests/training/test_vllm_generation.py``: the new token ids of both backends
 for every test prompt of a dataset, as ``predict`` would make them, written to a JSON file.
 
-    <vllm python> tests/training/vllm_vs_hf.py --model DIR --data DIR --out ids.json [--batch 16] ...
+    <vllm python> tests/training/vllm_vs_hf.py --run MODEL DATA [--run MODEL DATA ...] --out ids.json [--batch 16]
 
 The Hugging Face side runs ``hf_generate`` over the prepared prompts batched as ``predict`` batches them (left
-padding, mixed lengths); the vLLM side hands every prompt to one ``VLLMGenerator``. Several ``--model`` runs go
-through one process, one engine after the other (each closed before the next starts).
+padding, mixed lengths); the vLLM side hands every prompt to one ``VLLMGenerator``. Several runs go through one
+process, one engine after the other (each closed before the next starts).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def ids_of(model: str, data: str, subsets: list[str], batch: int, settings, max_
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", action="append", required=True, help="model folders, one run each")
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--run", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
+                        help="a model folder and the dataset whose test prompts it answers")
     parser.add_argument("--subset", nargs="+", default=["finance", "history"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     from personalm.training.generation import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, backend="vllm")
-    out = {m: ids_of(m, args.data, args.subset, args.batch, settings, args.max_length) for m in args.model}
+    out = {model: ids_of(model, data, args.subset, args.batch, settings, args.max_length) for model, data in args.run}
     Path(args.out).write_text(json.dumps(out))
 
 
