@@ -48,7 +48,8 @@ def adapter(sft_run, train_compred, tmp_path_factory) -> str:
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "merge_on_export": False}
     cli = main(["fit", *DEMO, *quiet(tmp_path_factory.mktemp("lora-sft")), f"--data.dataset={train_compred}",
                 f"--model.init_args.model_name_or_path={sft.model.export_path}",
-                f"--model.init_args.lora={json.dumps(lora)}", "--model.init_args.lr=1e-2", "--trainer.max_steps=20", "--trainer.limit_val_batches=0"])
+                f"--model.init_args.lora={json.dumps(lora)}", "--model.init_args.lr=1e-2", "--trainer.max_steps=20",
+                "--trainer.limit_val_batches=0"])
     export = Path(cli.model.export_path)
     assert json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(Path(sft.model.export_path).resolve())
