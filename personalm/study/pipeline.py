@@ -56,6 +56,8 @@ class StudySettings:
     dpo_config: str = "configs/demo/dpo.yaml"
     reward_config: str = "configs/demo/reward.yaml"
     args: dict[str, list[str]] = field(default_factory=dict)
+    predict_backend: Literal["hf", "vllm"] = "hf"  # vllm: the prediction stages generate with vLLM, one process
+    # (its GPUs through --args '{"predict": ["--model.init_args.generation.vllm.tensor_parallel_size=8"]}')
     judge: Literal["reward", "llm"] = "reward"
     llm: Optional[LLMJudgeSettings] = None
     judge_max_length: int = 1024

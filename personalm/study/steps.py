@@ -53,7 +53,11 @@ class Steps:
         return [config_path(c) for c in ([self.s.trainer_config] if self.s.trainer_config else []) + [path]]
 
     def args(self, kind: str) -> list[str]:
-        return self.s.args.get("all", []) + self.s.args.get(kind, [])
+        """The CLI arguments of a step of ``kind`` (sft, dpo, reward, test, predict): the study's for every step,
+        a prediction's backend (vLLM: one process, which splits the model over GPUs itself), then the kind's own."""
+        backend = ["--model.init_args.generation.backend=vllm", "--trainer.devices=1", "--trainer.strategy=auto"] \
+            if kind == "predict" and self.s.predict_backend == "vllm" else []
+        return self.s.args.get("all", []) + backend + self.s.args.get(kind, [])
 
     def settings(self, recipe: str, kind: str) -> dict:
         """What a stage's result depends on besides the stages it needs (a change redoes the stage): the

