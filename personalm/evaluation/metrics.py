@@ -69,7 +69,8 @@ class PreferenceMetrics(Metric):
         return groups[keep], values[keep]
 
     def compute(self) -> dict[str, float]:
-        """``{"rewards/accuracies": .., "rewards/accuracies/r_<community>": .., ".../macro", ".../worst"}``.
+        """``{"rewards/accuracies": .., "rewards/accuracies/r_<community>": .., ".../macro", ".../worst"}``, each
+        figure of ``PAIR_METRICS`` so, and the pairs counted (``pairs``, ``pairs/r_<community>``).
 
         Communities with no pair in this run are left out (not counted as 0).
         """
@@ -87,6 +88,10 @@ class PreferenceMetrics(Metric):
             for c, community in enumerate(self.communities):
                 if seen[c]:
                     out[f"{name}/r_{community}"] = float(sums[m, c] / counts[c])
+        out["pairs"] = int(counts.sum())
+        for c, community in enumerate(self.communities):
+            if seen[c]:
+                out[f"pairs/r_{community}"] = int(counts[c])
         acc = PAIR_METRICS.index("rewards/accuracies")
         per = sums[acc][seen] / counts[seen]
         if len(per):

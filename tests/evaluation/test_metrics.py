@@ -51,6 +51,7 @@ EXPECTED = {
     "loss/r_c": 0.875, "rewards/chosen/r_c": -0.25, "rewards/rejected/r_c": -1.25, "rewards/margins/r_c": 1.0,
     "rewards/accuracies/r_c": 0.5, "logps/chosen/r_c": -5.0, "logps/rejected/r_c": -5.5,
     "rewards/accuracies/macro": 2 / 3, "rewards/accuracies/worst": 0.5,
+    "pairs": 5, "pairs/r_a": 2, "pairs/r_b": 1, "pairs/r_c": 2,
 }
 
 
@@ -64,7 +65,7 @@ def _args(pairs, requires_grad=False):
 def _check(out: dict, expected: dict):
     assert set(out) == set(expected), sorted(set(out) ^ set(expected))
     for key, value in expected.items():
-        assert isinstance(out[key], float), key
+        assert isinstance(out[key], int if key.startswith("pairs") else float), key
         assert_close(out[key], value, rtol=1e-6, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}")
 
 
@@ -120,7 +121,7 @@ def test_reset_clears():
     b = {"loss": 0.25, "rewards/chosen": 2.0, "rewards/rejected": 1.0, "rewards/margins": 1.0,
          "rewards/accuracies": 1.0, "logps/chosen": -8.0, "logps/rejected": -9.0}
     expected = {**b, **{f"{k}/r_b": v for k, v in b.items()},
-                "rewards/accuracies/macro": 1.0, "rewards/accuracies/worst": 1.0}
+                "rewards/accuracies/macro": 1.0, "rewards/accuracies/worst": 1.0, "pairs": 1, "pairs/r_b": 1}
     _check(metric.compute(), expected)
 
 
@@ -162,7 +163,7 @@ def test_a_repeated_row_counts_once():
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_nothing_seen_gives_zeros_and_no_community():
     out = PreferenceMetrics(COMMUNITIES).compute()
-    assert out == {name: 0.0 for name in PAIR_METRICS}
+    assert out == {**{name: 0.0 for name in PAIR_METRICS}, "pairs": 0}
 
 
 # -------------------------------------------------------------------------------------------- DDP

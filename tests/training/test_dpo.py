@@ -82,6 +82,26 @@ def test_test_subcommand_writes_per_community_json(dpo_run, train_compred, tmp_p
         true["rewards/accuracies/r_history"])
 
 
+def test_test_under_bf16_mixed_holds_bf16_weights_and_scores_as_fp32(dpo_run, tmp_path):
+    """``test`` of the DPO export on the demo's test pairs (embedded:compred, 200 pairs): under bf16-mixed the policy
+    and its reference are held in bf16 (not fp32 cast op by op), and the preference accuracy is within 1 point of
+    fp32's (the margins differ: bf16 did compute)."""
+    cli, _, _ = dpo_run
+    common = [*DEMO_DPO, *quiet(tmp_path), f"--model.init_args.model_name_or_path={cli.model.export_path}"]
+    runs = {precision: main(["test", *common, f"--trainer.precision={precision}"])
+            for precision in ("32-true", "bf16-mixed")}
+    for precision, dtype in (("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)):
+        module = runs[precision].model
+        assert {p.dtype for p in module.model.parameters()} == {dtype}, precision
+        assert {p.dtype for p in module.reference.model.parameters()} == {dtype}, precision
+    fp32, bf16 = (json.loads((Path(runs[p].trainer.log_dir) / "test_metrics.json").read_text())["conditioning"]["true"]
+                  for p in ("32-true", "bf16-mixed"))
+    assert fp32["pairs"] == bf16["pairs"] == 200
+    assert fp32["rewards/accuracies"] > 0.57, fp32  # above chance by two standard errors: it learned something
+    assert abs(bf16["rewards/accuracies"] - fp32["rewards/accuracies"]) <= 0.01, (bf16, fp32)
+    assert bf16["rewards/margins"] != fp32["rewards/margins"]
+
+
 def test_gradient_step_raises_chosen_and_lowers_rejected(sft_run, small_compred):
     from personalm.data.datamodule import ComPreDDataModule
 

@@ -132,20 +132,25 @@ def test_lora_dpo_export_at_lr_2e7_keeps_what_training_changed(lora_dpo, tied_mo
     assert (exported - trained).abs().max() < 0.1 * moved
 
 
-def test_test_and_predict_load_the_export_as_saved_unless_told(lora_dpo, small_compred, tmp_path):
-    """The run's config says dtype bfloat16 (to train); ``test`` and ``predict`` of its fp32 export load fp32,
-    and the reference in the dtype it had in training (bf16); ``eval_dtype`` overrides."""
+def test_evaluation_holds_weights_in_the_compute_dtype_unless_told(lora_dpo, small_compred, tmp_path):
+    """The run's config says dtype bfloat16 (to train). Under bf16-mixed, ``test`` and ``predict`` of its fp32 export
+    hold the policy and the reference in bf16 (what the run computes in); ``eval_dtype: float32`` keeps fp32; under
+    32-true the export loads as saved (fp32) and the reference in the dtype it had in training (bf16)."""
     cli, _ = lora_dpo
     common = [*DEMO_DPO, *quiet(tmp_path), f"--data.dataset={small_compred}", "--data.subset=finance",
               f"--model.init_args.model_name_or_path={cli.model.export_path}", "--model.init_args.dtype=bfloat16",
-              "--trainer.precision=bf16-mixed", LORA, "--trainer.limit_test_batches=1"]
-    t = main(["test", *common])
-    assert next(t.model.model.parameters()).dtype == torch.float32
+              LORA, "--trainer.limit_test_batches=1"]
+    dtypes = lambda m: ({p.dtype for p in m.model.parameters()}, {p.dtype for p in m.reference.model.parameters()})  # noqa: E731
+    t = main(["test", *common, "--trainer.precision=bf16-mixed"])
+    assert dtypes(t.model) == ({torch.bfloat16}, {torch.bfloat16})
     assert not hasattr(t.model.model, "peft_config"), "fresh adapters added to an export under test"
-    assert {p.dtype for p in t.model.reference.model.parameters()} == {torch.bfloat16}
-    told = main(["predict", *common, "--model.init_args.eval_dtype=bfloat16", "--trainer.limit_predict_batches=1",
-                 "--model.init_args.generation.max_new_tokens=2", f"--predictions.output_path={tmp_path / 'p.jsonl'}"])
-    assert next(told.model.model.parameters()).dtype == torch.bfloat16
+    told = main(["test", *common, "--trainer.precision=bf16-mixed", "--model.init_args.eval_dtype=float32"])
+    assert dtypes(told.model) == ({torch.float32}, {torch.float32})
+    saved = main(["test", *common, "--trainer.precision=32-true"])
+    assert dtypes(saved.model) == ({torch.float32}, {torch.bfloat16})
+    predict = main(["predict", *common, "--trainer.precision=bf16-mixed", "--trainer.limit_predict_batches=1",
+                    "--model.init_args.generation.max_new_tokens=2", f"--predictions.output_path={tmp_path / 'p.jsonl'}"])
+    assert {p.dtype for p in predict.model.model.parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("precision, dtype, match", [
