@@ -233,6 +233,13 @@ def format_table(result: dict) -> str:
         ci = "–" if lo is None else f"[{_fmt(lo)}, {_fmt(hi)}]"
         lines.append(f"| {name} | {s['n']} | {s['wins']} | {s['ties']} | {s['losses']} "
                      f"| {_fmt(s['win_rate'])} | {ci} |")
+    stats = (result.get("judge") or {}).get("stats") or {}
     if result["overall"]["failed"]:
-        lines.append(f"\n{result['overall']['failed']} failed verdicts are counted in n but not in the win rates.")
+        skipped = (f", {stats['skipped']} of them posts the call budget left unjudged (those judged are a random "
+                   "sample stratified by community)") if stats.get("skipped") else ""
+        lines.append(f"\n{result['overall']['failed']} failed verdicts are counted in n but not in the win "
+                     f"rates{skipped}.")
+    if stats.get("orders") == "both":
+        lines.append(f"\nEach post judged in both orders: a win only where both agree, else a tie "
+                     f"({stats.get('disagreed', 0)} posts whose two orders disagreed).")
     return "\n".join(lines)

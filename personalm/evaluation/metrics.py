@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -98,6 +99,16 @@ class PreferenceMetrics(Metric):
             out["rewards/accuracies/macro"] = float(per.mean())
             out["rewards/accuracies/worst"] = float(per.min())
         return out
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for ``z`` 1.96) of a proportion ``accuracy`` over ``n`` pairs: unlike the
+    normal approximation it stays within [0, 1] and is not empty at 0% or 100%."""
+    if n <= 0:
+        return math.nan, math.nan
+    center = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def _first_occurrences(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,12 +18,14 @@ class RewardJudge:
     text scored in two batch positions differs by float noise, ~1e-7).
 
     The order of A and B does not matter to a reward model (each response is scored alone), so none
-    is randomised. A post whose title and template leave no room for a response gets ``None``.
+    is randomised. Two identical responses are a tie without scoring. A post whose title and template leave no
+    room for a response gets ``None``. ``dtype``: the weights' dtype (the study passes what the reward model's runs
+    compute in: ``bfloat16`` under ``bf16-mixed``, half the memory of fp32 and no cast per op; None: as saved).
     """
 
     def __init__(self, model_name_or_path: str, max_length: int = 1024, batch_size: int = 16,
                  tie_margin: float = 1e-4, device: Optional[str] = None,
-                 tokenizer_name_or_path: Optional[str] = None):
+                 tokenizer_name_or_path: Optional[str] = None, dtype: Optional[str] = None):
         self.tokenizer = load_tokenizer(model_name_or_path)
         if tokenizer_name_or_path is not None:
             other = load_tokenizer(tokenizer_name_or_path)
@@ -37,7 +39,7 @@ class RewardJudge:
                 getattr(config, "num_labels", None) != 1:
             raise ValueError(f"{model_name_or_path} is not a reward model (architectures {config.architectures}, "
                              f"{config.num_labels} labels): its scalar head would be untrained")
-        self.model = load_reward_model(model_name_or_path, pad_token_id=self.tokenizer.pad_token_id).eval()
+        self.model = load_reward_model(model_name_or_path, dtype, pad_token_id=self.tokenizer.pad_token_id).eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.max_length, self.batch_size, self.tie_margin = max_length, batch_size, tie_margin
@@ -65,8 +67,10 @@ class RewardJudge:
 
     def judge(self, items: Sequence[Comparison]) -> list[Verdict]:
         verdicts: list[Verdict] = []
-        for pair in self.scores(items):
-            if pair is None:
+        for item, pair in zip(items, self.scores(items)):
+            if item.response_a == item.response_b:
+                verdicts.append("tie")
+            elif pair is None:
                 verdicts.append(None)
             elif abs(pair[0] - pair[1]) <= self.tie_margin:
                 verdicts.append("tie")

@@ -33,12 +33,17 @@ from personalm.study.steps import REPO, Steps  # noqa: F401  (REPO: where relati
 
 @dataclass
 class LLMJudgeSettings:
-    """An OpenAI-compatible chat endpoint; the key is read from the environment variable ``api_key_env``."""
+    """An OpenAI-compatible chat endpoint; the key is read from the environment variable ``api_key_env``. Each
+    item is shown in both orders by default (a win only where both agree; ``orders: one`` halves the calls and
+    leaves position bias to average out); ``max_calls`` counts every call of the study across reruns (each order
+    is one) and, when it runs out, leaves a random sample stratified by community judged."""
 
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"
-    max_calls: int = 500
+    max_calls: int = 1000
+    orders: Literal["one", "both"] = "both"
+    concurrency: int = 16
 
 
 @dataclass
@@ -104,7 +109,9 @@ def write_report(folder: Path, needs: dict, s: StudySettings) -> dict:
                  "results about Reddit" if is_embedded(s.dataset) else f"dataset {s.dataset}")
     judge_note = ("a reward model trained with the community in its input (Bradley-Terry), scoring both "
                   "responses in the prompt of the true community" if s.judge == "reward"
-                  else f"LLM judge {s.llm.model if s.llm else ''} (A/B order randomised)")
+                  else f"LLM judge {s.llm.model if s.llm else ''} ("
+                  + ("each item in both orders: a win only where both agree, else a tie" if s.llm and
+                     s.llm.orders == "both" else "each item in one order, drawn per item") + ")")
     report = reporting.StudyReport(
         subsets=s.subsets, base_model=s.base_model, data_note=data_note, judge_note=judge_note, n_boot=s.n_boot,
         seed=s.seed, accuracy=reporting.accuracy_rows({k: load(name, "metrics") for k, name in TESTS.items()}),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from personalm.evaluation import judge as judging
+from personalm.evaluation.metrics import wilson_interval
 from personalm.paths import write_text
 
 # the accuracy table's columns: (header, which test, conditioning variant)
@@ -24,6 +25,8 @@ COLUMNS = [("DPO with context", "context", "true"), ("same, no community", "cont
 class AccuracyRow:
     label: str  # r/<community>, "all pairs", "macro" or "worst"
     values: list  # one accuracy (0-1) or None per column of COLUMNS
+    pairs: list  # the pairs each value is over (None for macro and worst, which are over communities)
+    ci95: list  # [low, high] per column (Wilson score interval over those pairs), or None
 
 
 @dataclass
@@ -46,22 +49,39 @@ class StudyReport:
 
 def accuracy_rows(tests: dict) -> list[AccuracyRow]:
     """Rows per community, then all pairs, macro and worst, from the ``test_metrics.json`` of each test
-    (``tests``: context, no_context, reward)."""
+    (``tests``: context, no_context, reward): each accuracy with its number of pairs and its 95% interval."""
     true = tests["context"]["conditioning"]["true"]
     names = sorted(k.split("/r_", 1)[1] for k in true if k.startswith("rewards/accuracies/r_"))
-    keys = [*((f"r/{n}", f"rewards/accuracies/r_{n}") for n in names), ("all pairs", "rewards/accuracies"),
-            ("macro", "rewards/accuracies/macro"), ("worst", "rewards/accuracies/worst")]
-    return [AccuracyRow(label, [tests[test]["conditioning"].get(variant, {}).get(key) for _, test, variant in COLUMNS])
-            for label, key in keys]
+    keys = [*((f"r/{n}", f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
+            ("all pairs", "rewards/accuracies", "pairs"), ("macro", "rewards/accuracies/macro", None),
+            ("worst", "rewards/accuracies/worst", None)]
+    rows = []
+    for label, key, count in keys:
+        figures = [tests[test]["conditioning"].get(variant, {}) for _, test, variant in COLUMNS]
+        values = [f.get(key) for f in figures]
+        pairs = [f.get(count) if count else None for f in figures]
+        ci = [list(wilson_interval(v, n)) if v is not None and n else None for v, n in zip(values, pairs)]
+        rows.append(AccuracyRow(label, values, pairs, ci))
+    return rows
 
 
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _cell(value: Optional[float], ci: Optional[list]) -> str:
+    return _pct(value) + (f" ({_pct(ci[0])}-{_pct(ci[1])})" if ci else "")
+
+
 def accuracy_markdown(rows: list[AccuracyRow]) -> str:
-    lines = ["| community | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [f"| {r.label} | " + " | ".join(_pct(v) for v in r.values) + " |" for r in rows]
+    """The accuracy table: percent with its 95% interval, and the pairs of the DPO tests and of the reward model's."""
+    reward = len(COLUMNS) - 1
+    lines = ["| community | pairs | " + " | ".join(h for h, _, _ in COLUMNS[:reward]) + " | reward pairs | "
+             + COLUMNS[reward][0] + " |", "|---|---:" + "|---" * reward + "|---:|---|"]
+    for r in rows:
+        n = lambda i: "" if r.pairs[i] is None else str(r.pairs[i])  # noqa: E731
+        cells = [_cell(v, ci) for v, ci in zip(r.values, r.ci95)]
+        lines.append(f"| {r.label} | {n(0)} | " + " | ".join(cells[:reward]) + f" | {n(reward)} | {cells[reward]} |")
     return "\n".join(lines)
 
 
@@ -70,7 +90,8 @@ def win_rate_line(result: dict) -> str:
     overall = result["overall"]
     rate = "n/a" if overall["win_rate"] is None else f"{overall['win_rate']:.3f}"
     ci = "n/a" if overall["ci95"][0] is None else "{:.3f}-{:.3f}".format(*overall["ci95"])
-    return (f"Win rate, {result['a']} vs {result['b']}: {rate} (95% CI {ci}, {overall['n']} posts, "
+    both = ", each in both orders" if ((result.get("judge") or {}).get("stats") or {}).get("orders") == "both" else ""
+    return (f"Win rate, {result['a']} vs {result['b']}: {rate} (95% CI {ci}, {overall['n']} posts{both}, "
             f"{overall['failed']} failed verdicts); per community in the report")
 
 
@@ -83,8 +104,9 @@ Subsets: {', '.join(report.subsets)}; base model: `{report.base_model}`; {report
 
 ## Preference accuracy on test_pref (%)
 
-Share of test pairs where the model's implicit reward ranks the community's preferred comment first.
-The context model is also scored with the community removed ("Reddit") and with a random wrong one.
+Share of test pairs where the model's implicit reward ranks the community's preferred comment first, with its
+95% interval (Wilson score, over the pairs counted in `pairs`; the reward model's over `reward pairs`). The
+context model is also scored with the community removed ("Reddit") and with a random wrong one.
 
 {accuracy_markdown(report.accuracy)}
 

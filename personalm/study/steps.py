@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
+from personalm.models import compute_dtype
 from personalm.paths import write_json
 from personalm.study.runner import Stage, output, written
 from personalm.training.checkpoints import last_checkpoint
@@ -69,7 +70,7 @@ class Steps:
     def judge_settings(self) -> dict:
         s = self.s
         return {"judge": s.judge, "llm": asdict(s.llm) if s.llm else None, "seed": s.seed, "n_boot": s.n_boot,
-                "max_length": s.judge_max_length}
+                "max_length": s.judge_max_length, "dtype": self.reward_dtype() if s.judge == "reward" else None}
 
     def cli(self, subcommand: str, recipe: str, kind: str, folder: Path, model: str, *extra: str):
         """``python -m personalm <subcommand>`` with the recipe's configs and the arguments for ``kind``."""
@@ -133,11 +134,17 @@ class Steps:
 
             if self.s.llm is None:
                 raise ValueError("judge: llm needs an `llm:` section (base_url, model, api_key_env)")
-            return LLMJudge(self.s.llm.base_url, self.s.llm.model, self.s.llm.api_key_env,
-                            max_calls=self.s.llm.max_calls, seed=self.s.seed, store=store)
+            llm = self.s.llm
+            return LLMJudge(llm.base_url, llm.model, llm.api_key_env, max_calls=llm.max_calls, seed=self.s.seed,
+                            store=store, concurrency=llm.concurrency, orders=llm.orders)
         from personalm.evaluation.reward_judge import RewardJudge
 
-        return RewardJudge(reward_model, max_length=self.s.judge_max_length)
+        return RewardJudge(reward_model, max_length=self.s.judge_max_length, dtype=self.reward_dtype())
+
+    def reward_dtype(self) -> Optional[str]:
+        """The reward judge's weights in the dtype the reward model's runs compute in (bf16 under bf16-mixed)."""
+        config = composed_config(self.configs("reward"), self.args("test"))
+        return compute_dtype((config.get("trainer") or {}).get("precision"))
 
     def judge(self, name: str, a: str, b: str, name_a: str, name_b: str, reward: str) -> Stage:
         def run(folder: Path, needs: dict, resume: bool = False) -> dict:

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-from personalm.evaluation.judge import Comparison
-from personalm.evaluation.llm_judge import LLMJudge, LLMJudgeError, build_messages, parse_answer
+from personalm.evaluation.judge import Comparison, tally
+from personalm.evaluation.llm_judge import LLMJudge, LLMJudgeError, build_messages, judging_order, parse_answer
 
 KEY = "sk-test-SECRET-0123456789"
 ENV = "PERSONALM_TEST_JUDGE_KEY"
@@ -58,7 +58,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)}
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        request = {"path": self.path, "headers": headers, "body": json.loads(raw)}
         with self.server.lock:
             self.server.requests.append(request)
             responder = self.server.script.popleft() if self.server.script else self.server.default
@@ -75,7 +76,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # what a followed 301/302/303 turns the POST into: recorded, refused
         with self.server.lock:
-            self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+            self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                         "body": None})
         self.send_response(405)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -117,7 +119,7 @@ def test_request(server):
     assert judge.judge([item]) in (["A"], ["B"])
     (request,) = server.requests
     assert request["path"] == "/v1/chat/completions"
-    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert request["headers"]["authorization"] == f"Bearer {KEY}"
     body = request["body"]
     assert body["model"] == "judge-model" and body["temperature"] == 0.0 and 0 < body["max_tokens"] <= 16
     prompt = body["messages"][-1]["content"]
@@ -191,7 +193,7 @@ def test_retries_exhausted_is_a_failure(server):
     server.default = lambda request: (502, "", 0.0)
     judge, delays = make_judge(server, max_retries=2, backoff_s=0.5)
     assert judge.judge(items(2)) == [None, None]
-    assert delays == [0.5, 1.0] * 2 and judge.stats["failures"] == 2 and judge.stats["calls"] == 6
+    assert sorted(delays) == [0.5, 0.5, 1.0, 1.0] and judge.stats["failures"] == 2 and judge.stats["calls"] == 6
 
 
 def test_timeout_retried(server):
@@ -213,7 +215,7 @@ def test_connection_error_retried():
 
 def test_401_refused_without_key(server):
     server.reply((401, {"error": f"invalid key {KEY}"}, 0.0))
-    judge, delays = make_judge(server)
+    judge, delays = make_judge(server, concurrency=1)
     with pytest.raises(LLMJudgeError, match="refused.*401") as info:
         judge.judge(items(2))
     assert KEY not in str(info.value) and KEY not in repr(info.value)
@@ -224,7 +226,7 @@ def test_budget(server):
     judge, _ = make_judge(server, max_calls=3)
     verdicts = judge.judge(items(5))
     assert len(server.requests) == 3
-    assert None not in verdicts[:3] and verdicts[3:] == [None, None]
+    assert sum(v is not None for v in verdicts) == 3
     assert judge.stats["budget_exhausted"] is True and judge.stats["skipped"] == 2
 
 
@@ -235,9 +237,17 @@ def test_budget_counts_retries(server):
     assert len(server.requests) == 2 and judge.stats["budget_exhausted"] is True
 
 
+def by_title(replies: dict) -> Callable[[dict], Reply]:
+    """A server that answers each item (by its title's number) with its own reply, whatever order they come in."""
+    def reply(request: dict) -> Reply:
+        number = int(re.search(r"Title: title (\d+)", request["body"]["messages"][-1]["content"]).group(1))
+        return replies.get(number, (200, chat("A"), 0.0))
+    return reply
+
+
 def test_garbage_and_malformed_counted(server):
-    server.reply(*[(200, chat(text), 0.0) for text in ("A or B", "Both", "")])
-    server.reply((200, "not json", 0.0), (200, {"choices": []}, 0.0), (200, chat(None), 0.0))
+    server.default = by_title({0: (200, chat("A or B"), 0.0), 1: (200, chat("Both"), 0.0), 2: (200, chat(""), 0.0),
+                               3: (200, "not json", 0.0), 4: (200, {"choices": []}, 0.0), 5: (200, chat(None), 0.0)})
     judge, _ = make_judge(server)
     verdicts = judge.judge(items(7))
     assert verdicts[:6] == [None] * 6 and verdicts[6] in ("A", "B")
@@ -266,7 +276,7 @@ def test_key_never_kept(server):
 def test_an_item_the_endpoint_refuses_is_a_failed_verdict_and_the_others_complete(server):
     """A content filter's 400 on the second of three items: that item gets None (counted as refused, not
     retried), the first and third are judged."""
-    server.reply((200, chat("A"), 0.0), (400, {"error": {"code": "content_filter"}}, 0.0))
+    server.default = by_title({1: (400, {"error": {"code": "content_filter"}}, 0.0)})
     judge, delays = make_judge(server)
     verdicts = judge.judge(items(3))
     assert verdicts[1] is None and verdicts[0] in ("A", "B") and verdicts[2] in ("A", "B")
@@ -276,19 +286,19 @@ def test_an_item_the_endpoint_refuses_is_a_failed_verdict_and_the_others_complet
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_auth_and_not_found_abort_at_once(server, status):
     server.reply((status, {"error": "no"}, 0.0))
-    judge, _ = make_judge(server)
+    judge, _ = make_judge(server, concurrency=1)
     with pytest.raises(LLMJudgeError, match=f"HTTP {status}"):
         judge.judge(items(3))
     assert len(server.requests) == 1
 
 
 def _judge_until_killed(base_url: str, store: str) -> None:
-    LLMJudge(base_url, "judge-model", api_key_env=ENV, timeout_s=30.0, store=store).judge(items(5))
+    LLMJudge(base_url, "judge-model", api_key_env=ENV, timeout_s=30.0, store=store, concurrency=1).judge(items(5))
 
 
 def test_a_rerun_after_a_kill_asks_only_for_the_missing_verdicts(server, tmp_path):
     """A judging process is SIGKILLed while its third request is in flight (the server kills it before
-    answering). The rerun reads the two stored verdicts and calls for items 2, 3 and 4 only; the budget
+    answering). The rerun reads the two stored verdicts and calls for the three other items only; the budget
     counts the earlier run's three calls."""
     import multiprocessing
     import os
@@ -308,10 +318,12 @@ def test_a_rerun_after_a_kill_asks_only_for_the_missing_verdicts(server, tmp_pat
     lines = [json.loads(line) for line in store.read_text().splitlines()]
     assert first_run == 3 and sum("call" in x for x in lines) == 3 and sum("verdict" in x for x in lines) == 2
 
+    titles = lambda requests: {re.search(r"Title: (title \d+)", r["body"]["messages"][-1]["content"]).group(1)  # noqa: E731
+                               for r in requests}
     judge, _ = make_judge(server, store=str(store), max_calls=6)
     verdicts = judge.judge(items(5))
-    asked = [r["body"]["messages"][-1]["content"] for r in server.requests[first_run:]]
-    assert len(asked) == 3 and all(f"title {i}" in text for i, text in zip((2, 3, 4), asked))
+    asked = titles(server.requests[first_run:])
+    assert len(asked) == 3 and asked == {f"title {i}" for i in range(5)} - titles(server.requests[:2])
     assert judge.stats["reused"] == 2 and None not in verdicts
     assert judge.stats["budget_exhausted"] is False  # 3 + 3 calls of 6
 
@@ -368,7 +380,7 @@ def test_a_redirect_is_not_followed_and_the_other_host_never_sees_the_key(server
             error = err
     finally:
         Handler.extra_headers = {}
-    assert [r["headers"].get("Authorization") for r in other_host.requests] == []  # never reached
+    assert [r["headers"].get("authorization") for r in other_host.requests] == []  # never reached
     assert isinstance(error, LLMJudgeError), error
     assert f"redirected (HTTP {status}) to another host" in str(error) and KEY not in str(error)
 
@@ -382,3 +394,116 @@ def test_http_only_for_loopback(url, ok):
     else:
         with pytest.raises(ValueError, match="unencrypted"):
             LLMJudge(url, "m", api_key_env=ENV)
+
+
+# ------------------------------------------------------------------ concurrency, both orders, a budgeted sample
+
+
+class InFlight:
+    """A responder that answers "A" after ``delay`` seconds and records how many requests were in flight at most."""
+
+    def __init__(self, delay: float):
+        self.delay, self.now, self.most = delay, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: dict) -> Reply:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.delay)
+        with self.lock:
+            self.now -= 1
+        return 200, chat("A"), 0.0
+
+
+def test_16_in_flight_judge_200_items_in_a_tenth_of_the_serial_time_and_store_every_verdict(server, tmp_path):
+    """A server that answers after 200 ms: 200 items one at a time take at least 40 s; 16 in flight take at most a
+    tenth of that, with 16 requests really in flight, and the store holds a call and a verdict for every item."""
+    server.default = slow = InFlight(0.2)
+    store = tmp_path / "verdicts.jsonl"
+    judge, _ = make_judge(server, concurrency=16, store=str(store), max_calls=1000)
+    start = time.perf_counter()
+    verdicts = judge.judge(items(200))
+    elapsed = time.perf_counter() - start
+    serial = 200 * 0.2
+    assert elapsed <= serial / 10, elapsed
+    assert slow.most == 16 and None not in verdicts and judge.stats["calls"] == 200
+    lines = [json.loads(line) for line in store.read_text().splitlines()]
+    assert sum("call" in x for x in lines) == 200 and len({x["key"] for x in lines if "verdict" in x}) == 200
+    again, _ = make_judge(server, concurrency=16, store=str(store), max_calls=1000)
+    assert again.judge(items(200)) == verdicts and again.stats["reused"] == 200 and len(server.requests) == 200
+
+
+def test_both_orders_a_judge_that_always_answers_a_gives_every_item_a_tie(server, tmp_path):
+    """Under ``orders: both`` each item is shown A/B and B/A; "A" both times means response_a once and response_b
+    once: a tie, so the win rate is 0.5. Each order is a call, a stored verdict of its own and part of the key."""
+    store = tmp_path / "verdicts.jsonl"
+    batch = items(10, "r/finance") + items(10, "r/history")
+    judge, _ = make_judge(server, orders="both", store=str(store))
+    verdicts = judge.judge(batch)
+    assert verdicts == ["tie"] * 20 and judge.stats["disagreed"] == 20 and judge.stats["calls"] == 40
+    counts = tally(batch, verdicts)["overall"]
+    assert counts["win_rate"] == 0.5 and counts["ties"] == 20 and counts["wins"] == counts["losses"] == 0
+    shown = [r["body"]["messages"][-1]["content"] for r in server.requests]
+    assert sum("Comment A:\nresp a 3\n" in text for text in shown if "title 3\n" in text) == 2  # history's p3 too
+    assert len({json.loads(line)["key"] for line in store.read_text().splitlines() if "verdict" in line}) == 40
+    single, _ = make_judge(server, orders="one", store=str(store))
+    assert single.judge(batch) == ["A" if not single.swapped(c) else "B" for c in batch]  # stored: the same orders
+    assert single.stats["reused"] == 20 and len(server.requests) == 40
+
+
+def test_both_orders_a_judge_that_reads_the_texts_wins_as_in_one_order(server):
+    """A judge that answers by content (the longer comment) agrees with itself in both orders: no tie."""
+    def longer(request: dict) -> Reply:
+        prompt = request["body"]["messages"][-1]["content"]
+        a, b = re.search(r"Comment A:\n(.*?)\n\nComment B:\n(.*?)\n\nWhich", prompt, re.S).groups()
+        return 200, chat("A" if len(a) > len(b) else "B"), 0.0
+
+    server.default = longer
+    batch = [Comparison(f"p{i}", "r/x", "t", "p", "a" * (5 + i), "b" * (9 - i)) for i in range(9) if 5 + i != 9 - i]
+    judge, _ = make_judge(server, orders="both")
+    assert judge.judge(batch) == ["A" if len(c.response_a) > len(c.response_b) else "B" for c in batch]
+    assert judge.stats["disagreed"] == 0
+
+
+SIZES = {"r/big": 50, "r/mid": 30, "r/small": 10, "r/few": 5, "r/two": 2}
+
+
+def communities_of(batch):
+    return [c.community for c in batch]
+
+
+def test_judging_order_is_a_stratified_sample_at_every_prefix():
+    """Every community's first item leads; after that each prefix holds each community in proportion (within one
+    item); the order is a permutation, fixed by the seed and changed by another."""
+    names = [c for c, n in SIZES.items() for _ in range(n)]
+    order = judging_order(names, seed=0)
+    assert sorted(order) == list(range(len(names)))
+    assert {names[i] for i in order[:5]} == set(SIZES)
+    for k in range(5, len(names) + 1):
+        for community, n in SIZES.items():
+            taken = sum(names[i] == community for i in order[:k])
+            assert abs(taken - max(1, k * n / len(names))) <= 2, (k, community, taken)
+    assert judging_order(names, seed=0) == order and judging_order(names, seed=1) != order
+
+
+def test_a_budget_judges_a_seeded_sample_that_covers_every_community(server, tmp_path):
+    """97 items over five communities (50 down to 2), 20 calls: 20 items judged, every community among them, the
+    largest most; a rerun with a larger budget keeps those 20 verdicts and extends the same sample. Under both
+    orders the budget counts calls: 20 calls judge 10 items."""
+    batch = [Comparison(f"{c}-{i}", c, f"title {j}", "body", f"a {j}", f"b {j}")
+             for j, (c, i) in enumerate((c, i) for c, n in SIZES.items() for i in range(n))]
+    store = str(tmp_path / "verdicts.jsonl")
+    judge, _ = make_judge(server, max_calls=20, store=store)
+    verdicts = judge.judge(batch)
+    judged = [c.community for c, v in zip(batch, verdicts) if v is not None]
+    assert len(judged) == 20 and set(judged) == set(SIZES) and judge.stats["skipped"] == 77
+    assert judged.count("r/big") == max(judged.count(c) for c in SIZES)
+    other, _ = make_judge(server, max_calls=20, seed=1)
+    assert [v is None for v in other.judge(batch)] != [v is None for v in verdicts]  # another seed, another sample
+    more, _ = make_judge(server, max_calls=60, store=store)
+    extended = more.judge(batch)
+    assert more.stats["reused"] == 20 and sum(v is not None for v in extended) == 60
+    assert all(e == v for e, v in zip(extended, verdicts) if v is not None)
+    both, _ = make_judge(server, max_calls=20, orders="both")
+    assert sum(v is not None for v in both.judge(batch)) == 10 and both.stats["calls"] == 20

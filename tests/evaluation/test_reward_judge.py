@@ -44,3 +44,22 @@ def test_reward_judge_refuses_a_model_without_a_scalar_head(sft_run):
     assert getattr(config, "num_labels", 2) != 1  # a causal LM export: a fresh head would be random
     with pytest.raises(ValueError, match="not a reward model"):
         RewardJudge(sft.model.export_path)
+
+
+def test_reward_judge_in_bf16_holds_bf16_weights_and_judges_as_fp32(reward_run, train_compred):
+    """``dtype: bfloat16`` (what the study passes under bf16-mixed): bf16 weights, and on the test pairs' own
+    comments (chosen as A, rejected as B) the same verdict as fp32 for at least 95% of them."""
+    import torch
+
+    from tests.helpers import read_jsonl
+
+    fit, _ = reward_run
+    rows = read_jsonl(train_compred / "finance" / "test_pref.jsonl")
+    items = [Comparison(r["post_id"], f"r/{r['domain'].rsplit('_', 1)[0]}", r["title"], r["history"],
+                        r["human_ref_A"], r["human_ref_B"]) for r in rows]
+    fp32, bf16 = (RewardJudge(fit.model.export_path, max_length=128, dtype=d) for d in (None, "bfloat16"))
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    a, b = fp32.judge(items), bf16.judge(items)
+    assert len(items) >= 40 and sum(x == y for x, y in zip(a, b)) >= 0.95 * len(items), (a, b)
+    assert len(set(a)) > 1  # not one verdict for every item

@@ -149,7 +149,8 @@ def test_evaluation_holds_weights_in_the_compute_dtype_unless_told(lora_dpo, sma
     saved = main(["test", *common, "--trainer.precision=32-true"])
     assert dtypes(saved.model) == ({torch.float32}, {torch.bfloat16})
     predict = main(["predict", *common, "--trainer.precision=bf16-mixed", "--trainer.limit_predict_batches=1",
-                    "--model.init_args.generation.max_new_tokens=2", f"--predictions.output_path={tmp_path / 'p.jsonl'}"])
+                    "--model.init_args.generation.max_new_tokens=2",
+                    f"--predictions.output_path={tmp_path / 'p.jsonl'}"])
     assert {p.dtype for p in predict.model.model.parameters()} == {torch.bfloat16}
 
 
