@@ -12,7 +12,9 @@ and runs, in ``bf16-mixed`` with gradient checkpointing and the paper's lengths 
 2. DPO with LoRA and ``reference: adapters_off`` (the paper's recipe, configs/paper/dpo.yaml);
 3. trl's DPOTrainer on the same model, rows (personalm's token ids) and settings, LoRA with its adapter-free
    reference, when trl is importable;
-4. DPO with every weight trained under FSDP2 (one process), reference copy sharded.
+4. DPO with every weight trained under FSDP2 (one process), reference copy sharded;
+5. generation from the SFT export, Hugging Face ``generate`` against vLLM in bf16 (benchmarks/generation_speed.py;
+   where vLLM is not installed, as in the lent machines' environment, its side is skipped and it says so).
 
 For each it prints tokens/s (non-padding tokens of the batch, over the steps after the warm-up), MFU
 (6·N·tokens per second for training, plus 2·N·tokens for DPO's reference forward, N the model's parameters,
@@ -26,6 +28,7 @@ are installed, bring datasets, jsonargparse and trl as wheels (benchmarks/README
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -276,6 +279,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-full", action="store_true", help="no full fine-tuning run (FSDP2)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--generation-prompts", type=int, default=None,
+                        help="then benchmarks/generation_speed.py on the SFT export, HF against vLLM in bf16, this "
+                             "many prompts of 128 new tokens (default: 128 on a GPU, none on a CPU)")
     parser.add_argument("--epoch-pairs", type=int, default=None,
                         help="then benchmarks/epoch_vs_trl.py, one epoch of this many pairs per run, in the run's "
                              "precision (default: 256 on a GPU; none on a CPU, where that script runs by itself)")
@@ -328,6 +334,18 @@ def main(argv=None) -> dict:
         results["personalm DPO, full fine-tuning, FSDP2"] = m.result(n_params, True, peak)
 
     report(results, device, args, n_params, time.perf_counter() - began, peak)
+    prompts = args.generation_prompts if args.generation_prompts is not None else (128 if cuda else 0)
+    if prompts:  # generation tokens/s, HF against vLLM (skipped, and said, where vLLM is not installed)
+        import generation_speed
+
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"\n[gpu_check] generation: benchmarks/generation_speed.py --models {start} --dtypes bfloat16 "
+              f"--prompts {prompts} --new-tokens 128 --hf-batch 8", flush=True)
+        speed = generation_speed.main(["--models", start, "--dtypes", "bfloat16", "--prompts", str(prompts),
+                                       "--new-tokens", "128", "--hf-batch", "8"])
+        results["generation"] = {" ".join(k): {x: y for x, y in v.items() if x != "ids"} for k, v in speed.items()}
     pairs = args.epoch_pairs if args.epoch_pairs is not None else (256 if cuda else 0)
     if pairs:  # the per-epoch comparison with trl (personalm's packed, prefix-shared rows), in this precision
         import epoch_vs_trl

@@ -15,15 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
     """``benchmarks/gpu_check.py --size tiny``: every run trains (DPO starts at ln 2, weights change) and the
-    table and JSON come out; trl's run is there when trl is importable."""
+    table and JSON come out; trl's run is there when trl is importable; the generation comparison runs its HF side
+    and says that vLLM is skipped (not installed in the test venv, as on the lent GPU machines)."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--size", "tiny", "--steps", "4",
                            "--warmup", "1", "--sft-batch", "2", "--dpo-batch", "2", "--max-length", "256",
-                           "--posts", "3",
+                           "--posts", "3", "--generation-prompts", "4",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| personalm DPO, full fine-tuning, FSDP2 |" in proc.stdout
+    assert "vLLM is not installed here: the HF side runs alone" in proc.stdout  # as in the lent GPU's environment
+    assert "| sft_export | 4 (" in proc.stdout and "| bfloat16 |" in proc.stdout
     results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    generation = results.pop("generation")
+    assert generation["sft_export bfloat16 hf"]["new_tokens"] > 0
     expected = {"personalm SFT, LoRA", "personalm DPO, LoRA, adapters off", "personalm DPO, full fine-tuning, FSDP2"}
     assert expected <= set(results)
     for name, r in results.items():
@@ -68,3 +73,17 @@ def test_prepare_scale_small_setting_runs(tmp_path):
     assert "train_pref: tokenize (2 processes): " in out, out
     stats = ast.literal_eval(out.split("stats: ", 1)[1].splitlines()[0])
     assert stats["rows"] == 20000 and 8000 < stats["rows_out"] < 15000, stats  # every row read, about 57% kept
+
+
+@pytest.mark.slow
+def test_generation_speed_small_setting_runs_both_backends_to_the_same_ids(tmp_path):
+    """``benchmarks/generation_speed.py`` in the vLLM environment on 16 demo prompts: both backends run, the table
+    comes out, and in fp32 every prompt got the same ids from both."""
+    from tests.helpers import vllm_python
+
+    proc = subprocess.run([vllm_python(), str(REPO / "benchmarks" / "generation_speed.py"), "--models", "embedded",
+                           "--dtypes", "float32", "--prompts", "16", "--new-tokens", "8"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| embedded |"))
+    assert row.endswith("| 16 of 16 |") and "| float32 |" in row, row
