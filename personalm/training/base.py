@@ -21,7 +21,7 @@ from personalm.models import (
     upcast_trainable,
 )
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
-from personalm.training.generation import GenerationSettings
+from personalm.training.generation import GenerationSettings, VLLMSettings
 from personalm.training.logprobs import runs_packed_rows
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
@@ -31,7 +31,7 @@ HALF = ("bfloat16", "float16")
 # Checkpoints written before hyperparameters were plain data hold these settings as objects, pickled under the
 # paths they had then; torch.load(weights_only=True) (Lightning, LightningCLI) may rebuild them.
 torch.serialization.add_safe_globals([
-    GenerationSettings, LoraSettings, (GenerationSettings, "personalm.lm_module.GenerationSettings"),
+    GenerationSettings, VLLMSettings, LoraSettings, (GenerationSettings, "personalm.lm_module.GenerationSettings"),
     (LoraSettings, "personalm.models.LoraSettings")])
 
 
