@@ -70,23 +70,24 @@ class VLLMGenerator:
 
     def __init__(self, model_name_or_path: str, tokenizer, settings: GenerationSettings, dtype: Optional[str],
                  device: torch.device):
-        vllm = require_vllm()
-        from vllm.lora.request import LoRARequest
-
         self.settings, self.eos_id = settings, tokenizer.eos_token_id
         folder = Path(resolve(model_name_or_path))
-        model, self.lora = folder, None
-        engine_lora: dict = {}
+        model, adapter = folder, None
         if (folder / "adapter_config.json").exists():
             adapter = json.loads((folder / "adapter_config.json").read_text())
             model = Path(resolve(adapter["base_model_name_or_path"]))
+        if not _has_weights(model):
+            what = f"the base {model} of the LoRA adapter {folder}" if adapter else str(folder)
+            raise ValueError(f"generation.backend vllm loads weights from files, and {what} has no weight files (the "
+                             "embedded model is initialised in memory): export or save_pretrained it first")
+        vllm = require_vllm()
+        from vllm.lora.request import LoRARequest
+
+        self.lora, engine_lora = None, {}
+        if adapter is not None:
             rank = max([adapter["r"], *adapter.get("rank_pattern", {}).values()])
             engine_lora = {"enable_lora": True, "max_lora_rank": next(r for r in LORA_RANKS if r >= rank)}
             self.lora = LoRARequest("adapter", 1, str(folder))
-        if not _has_weights(model):
-            what = f"the base {model} of the LoRA adapter {folder}" if self.lora else str(folder)
-            raise ValueError(f"generation.backend vllm loads weights from files, and {what} has no weight files (the "
-                             "embedded model is initialised in memory): export or save_pretrained it first")
         vs = settings.vllm
         cpu = device.type == "cpu"
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

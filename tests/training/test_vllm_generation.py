@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from personalm.cli import main
 from personalm.data import synthetic
@@ -142,3 +143,21 @@ def test_vllm_where_it_is_not_installed_fails_at_start_in_one_line(sft_run, monk
               "--model.init_args.generation.backend=vllm", "--data.dataset=/nonexistent"])  # fails before the data
     message = str(stop.value)
     assert "generation.backend vllm needs vLLM" in message and "\n" not in message
+
+
+def test_vllm_needs_weight_files_and_says_which_folder_lacks_them(tmp_path, tokenizer):
+    """The embedded model has no weight files (it is initialised in memory), nor has a LoRA adapter's base that is
+    the embedded model: each is a clear error naming the folder, before vLLM is imported."""
+    from peft import LoraConfig, get_peft_model
+
+    from personalm.models import load_causal_lm
+    from personalm.training.generation import GenerationSettings
+    from personalm.training.vllm_generation import VLLMGenerator
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="tiny-llama has no weight files"):
+        VLLMGenerator("embedded:tiny-llama", tokenizer, GenerationSettings(backend="vllm"), None, cpu)
+    peft = get_peft_model(load_causal_lm("embedded:tiny-llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"the base .*tiny-llama of the LoRA adapter .*adapter has no weight files"):
+        VLLMGenerator(str(tmp_path / "adapter"), tokenizer, GenerationSettings(backend="vllm"), None, cpu)
