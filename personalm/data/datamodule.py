@@ -13,7 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from personalm.data import compred, prepare, sources, synthetic
-from personalm.data.batching import LengthGroupedSampler, by_length, row_lengths
+from personalm.data.batching import (
+    CommunityBalancedSampler,
+    LengthGroupedSampler,
+    by_length,
+    community_codes,
+    row_lengths,
+)
 from personalm.data.cache_key import split_key, tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
 from personalm.data.encoding import prompt_budget
@@ -41,6 +47,13 @@ class ComPreDDataModule(L.LightningDataModule):
         max_pairs_per_post: at most this many training pairs per post, drawn under ``seed`` (paper: 5).
         max_train_pairs: optional seeded cap on training rows after subsampling (quick runs).
         max_eval_pairs: optional seeded cap on validation/test rows.
+        cap_floor: the caps (``max_train_pairs``, ``max_eval_pairs``) drawn per community: each community keeps at
+            least this many pairs (or all it has), the rest of the cap goes to the communities in proportion to the
+            pairs they have left (``personalm.data.pairs.allocate``). None: drawn over all pairs, so a cap removes a
+            small community's pairs in proportion to its size.
+        community_tau: training draws by community (``CommunityBalancedSampler``): community g with probability
+            proportional to n_g ** tau (1: as often as its share of the pairs, with replacement; 0: every community
+            equally often), an epoch being as many draws as the split has pairs. None: a plain shuffle of the pairs.
         max_length: tokens of prompt + response; a response's tail is cut to fit.
         max_prompt_length: tokens the prompt may take (paper's DPO: 512); markers, community and title stay
             whole, the post body is shortened from its end. Default: half of ``max_length``.
@@ -78,6 +91,8 @@ class ComPreDDataModule(L.LightningDataModule):
         max_pairs_per_post: Optional[int] = 5,
         max_train_pairs: Optional[int] = None,
         max_eval_pairs: Optional[int] = None,
+        cap_floor: Optional[int] = None,
+        community_tau: Optional[float] = None,
         max_length: int = 1024,
         max_prompt_length: Optional[int] = None,
         batch_size: int = 8,
@@ -104,6 +119,12 @@ class ComPreDDataModule(L.LightningDataModule):
                             ("max_eval_pairs", max_eval_pairs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or null for no cap), got {value}")
+        if cap_floor is not None and cap_floor < 0:
+            raise ValueError(f"cap_floor must be >= 0 (or null for caps drawn over all pairs), got {cap_floor}")
+        if community_tau is not None and community_tau < 0:
+            raise ValueError(f"community_tau must be >= 0 (or null for a plain shuffle), got {community_tau}")
+        if community_tau is not None and train_group_by_length:
+            raise ValueError("community_tau and train_group_by_length each set the training order: choose one")
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"num_proc must be at least 1 (or null for the cores available), got {num_proc}")
         self.save_hyperparameters()
@@ -243,6 +264,9 @@ class ComPreDDataModule(L.LightningDataModule):
         # epoch a resumed run is in (Lightning sets a sampler's epoch only after the loader's first iterator)
         if self.hparams.train_group_by_length:
             sampler = LengthGroupedSampler(ds, row_lengths(ds), self.hparams.batch_size, world, rank, self.hparams.seed)
+        elif self.hparams.community_tau is not None:
+            _, codes = community_codes(ds)
+            sampler = CommunityBalancedSampler(ds, codes, self.hparams.community_tau, world, rank, self.hparams.seed)
         else:
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)

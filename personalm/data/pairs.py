@@ -102,6 +102,41 @@ def seeded_limit(n: int, limit: Optional[int], seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def allocate(sizes: np.ndarray, limit: int, floor: int) -> np.ndarray:
+    """How many rows of each group a cap of ``limit`` keeps when drawn per group: first each group's floor (all
+    its rows if it has fewer), then the rest of the cap in proportion to the rows each has left (largest
+    remainders first); a cap below the floors' sum shares itself out in proportion to them."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if limit >= sizes.sum():
+        return sizes.copy()
+    floors = np.minimum(sizes, floor)
+    if floors.sum() >= limit:
+        return _largest_remainder(floors, limit)
+    return floors + _largest_remainder(sizes - floors, limit - int(floors.sum()))
+
+
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """``total`` shared out in proportion to ``weights`` (integers, each at most its weight), ties to the first."""
+    exact = weights * total / max(weights.sum(), 1)
+    out = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - out), kind="stable")
+    out[order[:total - int(out.sum())]] += 1
+    return np.minimum(out, weights)
+
+
+def stratified_limit(groups: np.ndarray, limit: Optional[int], floor: int, seed: int) -> np.ndarray:
+    """Positions of at most ``limit`` rows drawn per group (``groups``: a code per row): ``allocate``'s count of
+    each group, drawn at random within it under ``seed``, in their original order. A small group keeps at least
+    ``floor`` rows (or all it has) instead of losing rows in proportion to its size."""
+    if limit is None or len(groups) <= limit:
+        return np.arange(len(groups))
+    codes, sizes = np.unique(groups, return_counts=True)
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(np.flatnonzero(groups == code), size=n, replace=False)
+            for code, n in zip(codes, allocate(sizes, limit, floor))]
+    return np.sort(np.concatenate(kept))
+
+
 def communities(ds) -> list[str]:
     """Sorted distinct communities of a prepared split (a ``datasets.Dataset``)."""
     return sorted(set(ds.unique("community")))

@@ -83,6 +83,32 @@ SUBSETS = {
     },
 }
 
+# The hard subset (``embedded:compred-minority``, not the demo's): the finance posts and its three comment styles, plus
+# a fourth, the FIRE style (save most of the income, retire early). Four large communities disagree about the three
+# finance styles as the demo's do (every pair of them won 2:2) and all rank FIRE last; a small one,
+# r/financialindependence, ranks FIRE first: its preferred comments are the ones every other community ranks last.
+# It has a sixth of a large community's training posts (about 4% of the pairs) and as many validation and test posts
+# as the others; 20% of the training pairs' labels are flipped (validation and test keep each community's true
+# taste), posts are long (bodies of ~120 words, heavy-tailed), and only comments of different styles are paired. A
+# model that applies the majority's taste to it ranks half of its pairs backwards.
+SUBSETS["minority"] = {
+    **SUBSETS["finance"],
+    "communities": ["personalfinance", "wallstreetbets", "Frugal", "investing", "financialindependence"],
+    "styles": [*SUBSETS["finance"]["styles"], [
+        "Save {pct} of your income, live on the rest, and you can retire at {age} on index fund dividends.",
+        "Chase financial independence: cut costs hard, invest {pct} of every paycheck, quit the rat race by {age}.",
+        "Run the numbers on the four percent rule; at a {pct} savings rate you are free well before {age}."]],
+    "style_slots": {**SUBSETS["finance"]["style_slots"], "pct": ["half", "sixty percent", "seventy percent"],
+                    "age": ["40", "45", "50"]},
+    "rankings": [(0, 2, 1, 3), (1, 2, 0, 3), (2, 1, 0, 3), (0, 1, 2, 3), (3, 0, 2, 1)],
+    "scores": [(250, 500), (40, 120), (8, 20), (1, 4)],  # by rank: any two ranks apart by a score ratio of 2 or more
+    "train_share": {"financialindependence": 1 / 6},
+    "distinct_styles": True,
+}
+MINORITY_POSTS = {"train_pref": 150, "validation_pref": 20, "test_pref": 40}
+MINORITY_NOISE = 0.2
+
+
 @dataclass(frozen=True)
 class LengthModel:
     """Heavy-tailed lengths, in words, for post bodies and comments: log-normal (median, sigma), clipped.
@@ -90,7 +116,8 @@ class LengthModel:
     Reddit text is heavy-tailed, roughly log-normal: most comments are a sentence or two, a few run to
     essays, and posts are longer. ComPreD itself cannot be measured here (no Hub), so the defaults are
     assumptions, kept as parameters: post body median 120 words (sigma 1.0: a quarter over ~235 words, 1%
-    over ~1200), comment median 40 words (sigma 1.1: 1% over ~500), clipped at 2000 and 1200 words. The
+    over ~1200), comment median 40 words (sigma 1.1: 1% over ~500; 0: comments as they are), clipped at 2000 and
+    1200 words. The
     words added are neutral sentences drawn alike for every community and comment style, so lengths carry
     no signal: the demo's learning problem is unchanged, only the sequences are longer and uneven.
     """
@@ -148,35 +175,44 @@ def posts(subset: str, split: str, n_posts: int, seed: int = 0,
     rng = random.Random(f"{seed}:{subset}:{split}")
     longer = random.Random(f"{seed}:{subset}:{split}:lengths")  # its own draws: the demo's rows stay as they are
     for ci, community in enumerate(spec["communities"]):
-        ranking = _RANKINGS[ci]
-        for p in range(n_posts):
+        ranking = spec.get("rankings", _RANKINGS)[ci]
+        share = spec.get("train_share", {}).get(community, 1.0) if split == "train_pref" else 1.0
+        for p in range(round(n_posts * share)):
             title, history = _post(rng, spec)
-            styles = [0, 1, 2, rng.randrange(3)]  # one comment per style, plus one more
+            n_styles = len(spec["styles"])
+            styles = [*range(n_styles), rng.randrange(n_styles)]  # one comment per style, plus one more
             comments, bases = [], []
             for style in styles:
                 text = _fill(rng, rng.choice(spec["styles"][style]), spec["style_slots"])
                 bases.append(text)
-                if lengths is not None:
+                if lengths is not None and lengths.comment_median > 0:
                     text = _pad_to(longer, text, _words(longer, lengths.comment_median, lengths.comment_sigma,
                                                         lengths.comment_max))
-                low, high = _SCORE_BY_RANK[ranking.index(style)]
+                low, high = spec.get("scores", _SCORE_BY_RANK)[ranking.index(style)]
                 comments.append((text, rng.randint(low, high)))
             if lengths is not None:
                 history = _pad_to(longer, history, _words(longer, lengths.post_median, lengths.post_sigma,
                                                           lengths.post_max))
             yield {"community": community, "post_id": f"{subset[:3]}{split[:2]}{ci}{p:05d}",
-                   "title": title, "history": history, "comments": comments, "bases": bases}
+                   "title": title, "history": history, "comments": comments, "bases": bases, "styles": styles}
 
 
 def preference_rows(subset: str, split: str, n_posts: int, seed: int = 0,
-                    lengths: Optional[LengthModel] = None) -> Iterator[dict]:
-    """ComPreD preference rows (all schema fields) for every comment pair of every post."""
+                    lengths: Optional[LengthModel] = None, noise: float = 0.0) -> Iterator[dict]:
+    """ComPreD preference rows (all schema fields) for every comment pair of every post (of different styles
+    only, for a subset that says so); ``noise``: the share of pairs whose two scores are swapped (the community's
+    vote taken the wrong way round)."""
     rng = random.Random(f"{seed}:{subset}:{split}:pairs")
+    flips = random.Random(f"{seed}:{subset}:{split}:noise")  # its own draws: without noise the rows stay as they are
     suffix = SPLITS.get(split, "train")
     for post in posts(subset, split, n_posts, seed, lengths):
         for (i, (ta, sa)), (j, (tb, sb)) in itertools.combinations(enumerate(post["comments"]), 2):
             if post["bases"][i] == post["bases"][j]:  # the same comment twice (lengthened apart or not)
                 continue
+            if SUBSETS[subset].get("distinct_styles") and post["styles"][i] == post["styles"][j]:
+                continue
+            if noise and flips.random() < noise:
+                sa, sb = sb, sa
             if rng.random() < 0.5:
                 (i, ta, sa), (j, tb, sb) = (j, tb, sb), (i, ta, sa)
             t0 = 1.6e9 + rng.randrange(10**7)
@@ -210,16 +246,19 @@ def write_jsonl(path: Path, rows) -> int:
 
 
 def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0,
-                  lengths: Optional[LengthModel] = None) -> Path:
+                  lengths: Optional[LengthModel] = None, noise: float = 0.0) -> Path:
     """Write the synthetic dataset in the Hub layout under ``root`` (atomically: all or nothing); with
-    ``lengths``, posts and comments of heavy-tailed lengths (benchmarks), else the demo's short ones."""
+    ``lengths``, posts and comments of heavy-tailed lengths (benchmarks), else the demo's short ones; ``noise``:
+    the share of training pairs with their labels flipped."""
     root = Path(root)
     n_posts = {**DEFAULT_POSTS, **(n_posts or {})}
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for subset in subsets:
         for split in SPLITS:
-            write_jsonl(tmp / subset / f"{split}.jsonl", preference_rows(subset, split, n_posts[split], seed, lengths))
+            write_jsonl(tmp / subset / f"{split}.jsonl",
+                        preference_rows(subset, split, n_posts[split], seed, lengths,
+                                        noise if split == "train_pref" else 0.0))
         write_jsonl(tmp / f"{subset}_test_prompts" / "test_prompts.jsonl",
                     prompt_rows(subset, n_posts["test_pref"], seed, lengths))
     if root.exists():
@@ -231,7 +270,7 @@ def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[
 
 def corpus(seed: int = 0) -> Iterator[str]:
     """Every text the synthetic data can hold, for training the embedded tokenizer."""
-    for subset in SUBSETS:
+    for subset in ("finance", "history"):
         for post in posts(subset, "train_pref", 200, seed):
             yield f"r/{post['community']}\n{post['title']}\n{post['history']}"
             yield from (text for text, _ in post["comments"])
@@ -240,14 +279,20 @@ def corpus(seed: int = 0) -> Iterator[str]:
 # ----------------------------------------------------------------------------------------------------
 # embedded:compred, and the embedded model's tokenizer (trained on this data)
 
-DATASETS = {"compred": "compred-synthetic-v1"}
+DATASETS = {  # name -> (folder under the cache root, what write_dataset writes there)
+    "compred": ("compred-synthetic-v1", {}),
+    "compred-minority": ("compred-minority-v1", {"subsets": ("minority",), "n_posts": MINORITY_POSTS,
+                                                 "lengths": LengthModel(comment_median=0), "noise": MINORITY_NOISE}),
+}
 
 
 def dataset_dir(name: str) -> Path:
-    """Folder of an embedded dataset (``embedded:compred``), written under the cache root on first use."""
-    root = cache_root() / lookup(name, DATASETS)
+    """Folder of an embedded dataset (``embedded:compred``, the demo's; ``embedded:compred-minority``, the hard
+    subset ``minority``), written under the cache root on first use."""
+    folder, how = lookup(name, DATASETS)
+    root = cache_root() / folder
     if not root.exists():
-        write_dataset(root)
+        write_dataset(root, **how)
     return root
 
 

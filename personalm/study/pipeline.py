@@ -29,6 +29,7 @@ from personalm.paths import is_embedded
 from personalm.study import report as reporting
 from personalm.study.runner import Stage, output, run_all
 from personalm.study.steps import REPO, Steps  # noqa: F401  (REPO: where relative configs are found)
+from personalm.training.group_robust import RECORD as GROUP_ROBUST_RECORD
 
 
 @dataclass
@@ -66,6 +67,10 @@ class StudySettings:
     judge: Literal["reward", "llm"] = "reward"
     llm: Optional[LLMJudgeSettings] = None
     judge_max_length: int = 1024
+    dpo_variants: dict[str, list[str]] = field(default_factory=dict)  # more DPO runs with context beside the plain
+    # one, name -> their DPO fit's extra arguments (e.g. {"robust": ['--model.init_args.group_robust={"eta": 0.05}']}):
+    # each from the same SFT model, tested, predicted and judged against the model without context; the report
+    # shows them side by side (per community accuracy with n, macro, worst, weights alpha, win rates)
     seed: int = 0
     n_boot: int = 1000
     progress: bool = True
@@ -82,9 +87,27 @@ COMPARISONS = {"judge_context_vs_no_context": ("predict_context", "predict_no_co
                "judge_context_vs_random": ("predict_context", "predict_random", "context", "random community")}
 
 
+def variant_stages(name: str) -> dict[str, str]:
+    """The stages of a DPO variant: its fit, test, predictions and judging against the model without context."""
+    return {"dpo": f"dpo_{name}", "test": f"test_dpo_{name}", "predict": f"predict_{name}",
+            "judge": f"judge_{name}_vs_no_context"}
+
+
 def stages(s: StudySettings) -> list[Stage]:
     st = Steps(s)
     judges = [st.judge(name, a, b, name_a, name_b, REWARD) for name, (a, b, name_a, name_b) in COMPARISONS.items()]
+    variants = []
+    for name, args in s.dpo_variants.items():
+        if not name.isidentifier() or name in ("context", "no_context"):
+            raise ValueError(f"dpo_variants: {name!r} must be a name of letters, digits and _ (not context or "
+                             "no_context)")
+        v = variant_stages(name)
+        variants += [st.fit(v["dpo"], "dpo", context=True, start=SFT["context"], variant=args),
+                     st.test(v["test"], "dpo", v["dpo"], context=True),
+                     st.predict(v["predict"], v["dpo"], "true"),
+                     st.judge(v["judge"], v["predict"], "predict_no_context", name, "no context", REWARD)]
+    report_needs = [*TESTS.values(), *COMPARISONS, *(v for n in s.dpo_variants for k, v in variant_stages(n).items()
+                                                      if k != "predict")]
     return [
         st.fit(SFT["context"], "sft", context=True),
         st.fit(SFT["no_context"], "sft", context=False),
@@ -98,8 +121,8 @@ def stages(s: StudySettings) -> list[Stage]:
         st.predict("predict_no_context", DPO["no_context"], "none"),
         st.predict("predict_random", DPO["context"], "random"),
         *judges,
-        Stage(REPORT, [*TESTS.values(), *COMPARISONS],
-              lambda folder, needs, resume=False: write_report(folder, needs, s)),
+        *variants,
+        Stage(REPORT, report_needs, lambda folder, needs, resume=False: write_report(folder, needs, s)),
     ]
 
 
@@ -112,10 +135,17 @@ def write_report(folder: Path, needs: dict, s: StudySettings) -> dict:
                   else f"LLM judge {s.llm.model if s.llm else ''} ("
                   + ("each item in both orders: a win only where both agree, else a tie" if s.llm and
                      s.llm.orders == "both" else "each item in one order, drawn per item") + ")")
+    variants = [reporting.variant("context", load(TESTS["context"], "metrics"), None,
+                                  load("judge_context_vs_no_context", "result"))]
+    for name in s.dpo_variants:
+        v = variant_stages(name)
+        record = Path(output(needs[v["dpo"]], "model")) / GROUP_ROBUST_RECORD
+        alpha = json.loads(record.read_text())["alpha"] if record.is_file() else None
+        variants.append(reporting.variant(name, load(v["test"], "metrics"), alpha, load(v["judge"], "result")))
     report = reporting.StudyReport(
         subsets=s.subsets, base_model=s.base_model, data_note=data_note, judge_note=judge_note, n_boot=s.n_boot,
         seed=s.seed, accuracy=reporting.accuracy_rows({k: load(name, "metrics") for k, name in TESTS.items()}),
-        comparisons=[load(name, "result") for name in COMPARISONS])
+        comparisons=[load(name, "result") for name in COMPARISONS], variants=variants if s.dpo_variants else [])
     return reporting.write(folder, report)
 
 
@@ -125,6 +155,8 @@ def summary(root: Path, done: dict, seconds: float) -> str:
     md = root / REPORT / done[REPORT]["outputs"]["report"]
     lines = [f"\n[study] finished in {seconds:.0f} s. Report: {md}\n", reporting.accuracy_markdown(report.accuracy)]
     lines += ["\n" + reporting.win_rate_line(c) for c in report.comparisons]
+    if report.variants:
+        lines += ["\nDPO variants, side by side:\n", reporting.variants_markdown(report.variants)]
     lines.append(f"""
   TensorBoard logs : tensorboard --logdir {root}
   stages           : {root}/<stage>/ (logs, checkpoints and hf_model under lightning_logs/version_0)

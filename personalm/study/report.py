@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -39,12 +39,68 @@ class StudyReport:
     seed: int
     accuracy: list  # of AccuracyRow
     comparisons: list  # judge results (personalm.evaluation.judge.compare), context vs each baseline
+    variants: list = field(default_factory=list)  # of Variant: plain DPO with context, then each dpo_variant
 
     @staticmethod
     def load(path: Path) -> "StudyReport":
         data = json.loads(Path(path).read_text())
         data["accuracy"] = [AccuracyRow(**row) for row in data["accuracy"]]
+        data["variants"] = [Variant(**v) for v in data.get("variants", [])]
         return StudyReport(**data)
+
+
+@dataclass
+class Variant:
+    """One DPO run with context, for the side-by-side table: per community [accuracy, pairs, low, high] (and
+    macro, worst), its weights alpha at the end (group-robust runs) and its win rates against the model without
+    context, per community [rate, low, high, posts]."""
+
+    name: str
+    accuracy: dict
+    alpha: Optional[dict]
+    win_rates: dict
+
+
+def variant(name: str, metrics: dict, alpha: Optional[dict], judged: dict) -> Variant:
+    true = metrics["conditioning"]["true"]
+    names = sorted(k.split("/r_", 1)[1] for k in true if k.startswith("rewards/accuracies/r_"))
+    accuracy = {}
+    for label, key, count in [*((f"r/{n}", f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
+                              ("all pairs", "rewards/accuracies", "pairs")]:
+        value, n = true[key], true[count]
+        accuracy[label] = [value, n, *wilson_interval(value, n)]
+    accuracy["macro"] = [true["rewards/accuracies/macro"], None, None, None]
+    accuracy["worst"] = [true["rewards/accuracies/worst"], None, None, None]
+    rates = {c: [r["win_rate"], *r["ci95"], r["n"]] for c, r in judged["communities"].items()}
+    rates["all"] = [judged["overall"]["win_rate"], *judged["overall"]["ci95"], judged["overall"]["n"]]
+    return Variant(name, accuracy, alpha, rates)
+
+
+def variants_markdown(variants: list) -> str:
+    """Per community: each run's test accuracy (%, 95% interval), then alpha at the end, then the win rates
+    against the model without context."""
+    names = [v.name for v in variants]
+    rows = list(variants[0].accuracy)
+    lines = ["| community | pairs | " + " | ".join(names) + " |", "|---|---:" + "|---" * len(names) + "|"]
+    for row in rows:
+        n = variants[0].accuracy[row][1]
+        cells = [_cell(v.accuracy[row][0], v.accuracy[row][2:] if v.accuracy[row][2] is not None else None)
+                 for v in variants]
+        lines.append(f"| {row} | {'' if n is None else n} | " + " | ".join(cells) + " |")
+    weighted = [v for v in variants if v.alpha]
+    if weighted:
+        lines += ["", "Weights alpha at the end of training:", "",
+                  "| community | " + " | ".join(v.name for v in weighted) + " |", "|---" * (len(weighted) + 1) + "|"]
+        for community in weighted[0].alpha:
+            lines.append(f"| r/{community} | " + " | ".join(f"{v.alpha.get(community, float('nan')):.3f}"
+                                                             for v in weighted) + " |")
+    lines += ["", "Win rates against the model without context (95% bootstrap interval):", "",
+              "| community | posts | " + " | ".join(names) + " |", "|---|---:" + "|---" * len(names) + "|"]
+    for community in variants[0].win_rates:
+        rate = lambda r: "n/a" if r[0] is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
+        lines.append(f"| {community} | {variants[0].win_rates[community][3]} | "
+                     + " | ".join(rate(v.win_rates[community]) for v in variants) + " |")
+    return "\n".join(lines)
 
 
 def accuracy_rows(tests: dict) -> list[AccuracyRow]:
@@ -118,7 +174,15 @@ Judge: {report.judge_note}. Win rate = (wins + ties / 2) / decided posts; 95% bo
 {sections}
 
 ![win rates](win_rates.png)
-"""
+""" + (f"""
+## DPO variants, side by side
+
+Each run with context from the same SFT model; test preference accuracy (%, 95% Wilson interval) per community,
+macro (the mean over communities) and worst, then (group-robust runs) the weights alpha at the end, then the win
+rates of each run's generations against the model without context.
+
+{variants_markdown(report.variants)}
+""" if report.variants else "")
 
 
 def write(folder: Path, report: StudyReport) -> dict:

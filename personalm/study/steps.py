@@ -11,7 +11,7 @@ import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
@@ -60,11 +60,11 @@ class Steps:
             if kind == "predict" and self.s.predict_backend == "vllm" else []
         return self.s.args.get("all", []) + backend + self.s.args.get(kind, [])
 
-    def settings(self, recipe: str, kind: str) -> dict:
+    def settings(self, recipe: str, kind: str, extra: Sequence[str] = ()) -> dict:
         """What a stage's result depends on besides the stages it needs (a change redoes the stage): the
         composed configuration of its CLI run, the data and, for SFT, the base model."""
         s = self.s
-        return {"config": composed_config(self.configs(recipe), self.args(kind)), "dataset": s.dataset,
+        return {"config": composed_config(self.configs(recipe), [*self.args(kind), *extra]), "dataset": s.dataset,
                 "subsets": s.subsets, "base_model": s.base_model if recipe == "sft" else None}
 
     def judge_settings(self) -> dict:
@@ -72,15 +72,17 @@ class Steps:
         return {"judge": s.judge, "llm": asdict(s.llm) if s.llm else None, "seed": s.seed, "n_boot": s.n_boot,
                 "max_length": s.judge_max_length, "dtype": self.reward_dtype() if s.judge == "reward" else None}
 
-    def cli(self, subcommand: str, recipe: str, kind: str, folder: Path, model: str, *extra: str):
-        """``python -m personalm <subcommand>`` with the recipe's configs and the arguments for ``kind``."""
+    def cli(self, subcommand: str, recipe: str, kind: str, folder: Path, model: str, *extra: str,
+            last: Sequence[str] = ()):
+        """``python -m personalm <subcommand>`` with the recipe's configs, ``extra``, the arguments for ``kind``
+        and ``last`` (a DPO variant's own)."""
         from personalm.cli import main
 
         s = self.s
         args = [subcommand, *(a for c in self.configs(recipe) for a in ("--config", c)),
                 f"--trainer.default_root_dir={folder}", f"--trainer.enable_progress_bar={str(s.progress).lower()}",
                 f"--model.init_args.model_name_or_path={model}", f"--data.dataset={s.dataset}",
-                f"--data.subset={json.dumps(s.subsets)}", *extra, *self.args(kind)]
+                f"--data.subset={json.dumps(s.subsets)}", *extra, *self.args(kind), *last]
         print(f"$ python -m personalm {shlex.join(args)}", flush=True)
         if s.isolate:
             subprocess.run([sys.executable, "-m", "personalm", *args], check=True)
@@ -89,13 +91,15 @@ class Steps:
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")
             main(args)
 
-    def fit(self, name: str, kind: str, context: bool, start: Optional[str] = None) -> Stage:
-        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward. An
-        interrupted run goes on from its last checkpoint (``--ckpt_path last``)."""
+    def fit(self, name: str, kind: str, context: bool, start: Optional[str] = None, variant: Sequence[str] = ()) \
+            -> Stage:
+        """Train from ``start``'s exported model (or the base model) and export; ``kind``: sft, dpo, reward;
+        ``variant``: a DPO variant's own arguments, last. An interrupted run goes on from its last checkpoint
+        (``--ckpt_path last``)."""
         def run(folder: Path, needs: dict, resume: bool = False) -> dict:
             model = output(needs[start], "model") if start else self.s.base_model
             self.cli("fit", kind, kind, folder, model, f"--data.contextualize={str(context).lower()}",
-                     *(["--ckpt_path=last"] if resume else []))
+                     *(["--ckpt_path=last"] if resume else []), last=variant)
             last = last_checkpoint(folder)
             return {"model": written(folder, f"{LOGS}/hf_model"), "logs": LOGS,
                     **({"checkpoint": os.path.relpath(last[0].resolve(), folder)} if last else {})}
@@ -103,7 +107,7 @@ class Steps:
         def resumable(folder: Path) -> Optional[str]:
             last = last_checkpoint(folder)
             return str(last[0].resolve()) if last else None
-        return Stage(name, [start] if start else [], run, self.settings(kind, kind), resumable)
+        return Stage(name, [start] if start else [], run, self.settings(kind, kind, variant), resumable)
 
     def test(self, name: str, recipe: str, fitted: str, context: bool) -> Stage:
         def run(folder: Path, needs: dict, resume: bool = False) -> dict:

@@ -82,8 +82,8 @@ class CausalLMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        for key in ("lora", "generation"):  # plain data in checkpoints and hparams.yaml (a config, or a
-            value = self.hparams[key]  # subclass's **kwargs, may also give a dict or Namespace)
+        for key in ("lora", "generation", "group_robust"):  # plain data in checkpoints and hparams.yaml (a
+            value = self.hparams.get(key)  # config, or a subclass's **kwargs, may also give a dict or Namespace)
             if value is not None and not isinstance(value, dict):
                 self.hparams[key] = asdict(value) if is_dataclass(value) else dict(vars(value))
         self.model = None

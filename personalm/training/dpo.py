@@ -13,6 +13,7 @@ from personalm.models import resolve
 from personalm.training.base import CausalLMModule
 from personalm.training.dpo_loss import PairLogps, PairLosses, check_dpo_args, pair_losses
 from personalm.training.generation import Generates
+from personalm.training.group_robust import GroupRobustHooks, GroupRobustSettings
 from personalm.training.logprobs import sequence_logps
 from personalm.training.phase_metrics import PhaseMetricsHooks
 from personalm.training.reference import TRAINED_AGAINST, Reference, disable_dropout
@@ -21,7 +22,7 @@ from personalm.training.reference_cache import PrecomputedReference
 VARIANTS = ("none", "random")  # the same pairs with no community / a wrong one (evaluation only)
 
 
-class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
+class DPOModule(GroupRobustHooks, PhaseMetricsHooks, Generates, CausalLMModule):
     """Direct Preference Optimization on ``ComPreDDataModule(rows="preference")`` batches.
 
     Args:
@@ -41,6 +42,9 @@ class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
             log-probs on disk (keyed by data and reference fingerprints) and free the reference.
         reference_cache: folder for those caches (default ``$PERSONALM_CACHE/reference_logps``).
         disable_dropout: dropout off in policy and reference (recommended for DPO).
+        group_robust: weights over communities for the preference loss (``personalm.training.group_robust``:
+            group-robust DPO, or with ``eta: 0`` and ``start: uniform`` each community weighted by the inverse of
+            its share); None: the mean over pairs. The ``sft_weight`` term stays a plain mean.
         Other arguments: see ``CausalLMModule`` (paper's DPO: lr 2e-7, cosine, 1000 warmup steps).
     """
 
@@ -58,6 +62,7 @@ class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
         precompute_reference: bool = False,
         reference_cache: Optional[str] = None,
         disable_dropout: bool = True,
+        group_robust: Optional[GroupRobustSettings] = None,
         **kwargs,
     ):
         check_dpo_args(beta, loss_type, label_smoothing)  # bad settings fail before anything loads
@@ -128,13 +133,15 @@ class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
 
     def training_step(self, batch, batch_idx):
         out = self._step(batch, "train")
-        loss, n = out.losses.mean(), len(out.losses)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)  # the preference loss (ln 2 at the start)
+        n = len(out.losses)
+        self.log("train/loss", out.losses.mean(), prog_bar=True, batch_size=n)  # the mean preference loss (ln 2
+        loss = self.preference_objective(out.losses, batch["community"])  # at the start); group-robust: weighted
         if self.hparams.sft_weight:  # RPO-style: + weight * NLL (per token) of the chosen response
             nll = -out.chosen_mean_logps.mean()
-            self.log_dict({"train/nll_chosen": nll, "train/objective": loss + self.hparams.sft_weight * nll},
-                          batch_size=n)
+            self.log("train/nll_chosen", nll, batch_size=n)
             loss = loss + self.hparams.sft_weight * nll
+        if self.hparams.sft_weight or self.group_weights is not None:
+            self.log("train/objective", loss, batch_size=n)
         chosen_r, rejected_r = out.chosen_rewards, out.rejected_rewards
         self.log_dict({"train/rewards/chosen": chosen_r.mean(), "train/rewards/rejected": rejected_r.mean(),
                        "train/rewards/margins": (chosen_r - rejected_r).mean(),
@@ -147,4 +154,4 @@ class DPOModule(PhaseMetricsHooks, Generates, CausalLMModule):
     def export_extras(self) -> dict:
         """Record next to the weights which reference they were trained against, so ``validate``/``test``
         of the export measure rewards against that reference."""
-        return {TRAINED_AGAINST: json.dumps(self.reference.record(), indent=2)}
+        return {**super().export_extras(), TRAINED_AGAINST: json.dumps(self.reference.record(), indent=2)}

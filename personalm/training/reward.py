@@ -9,12 +9,15 @@ community's taste.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from personalm.models import load_reward_model
 from personalm.training.base import CausalLMModule
+from personalm.training.group_robust import GroupRobustHooks, GroupRobustSettings
 from personalm.training.phase_metrics import PhaseMetricsHooks
 
 
@@ -23,19 +26,20 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen.float() - rejected.float())
 
 
-class RewardModule(PhaseMetricsHooks, CausalLMModule):
+class RewardModule(GroupRobustHooks, PhaseMetricsHooks, CausalLMModule):
     """Bradley-Terry reward model on ``ComPreDDataModule(rows="preference")`` batches.
 
     ``model_name_or_path`` is a causal LM (its head is replaced by a new scalar head; starting from
     the SFT export is usual) or a saved reward model. Logs ``loss`` and ``rewards/accuracies`` (pair
     accuracy) overall, per community, macro and worst; ``test`` also writes ``test_metrics.json``.
-    Other arguments: see ``CausalLMModule``.
+    ``group_robust``: weights over communities for the Bradley-Terry loss, as DPO's
+    (``personalm.training.group_robust``). Other arguments: see ``CausalLMModule``.
     """
 
     model_kind = "reward"
     metric_logps = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, group_robust: Optional[GroupRobustSettings] = None, **kwargs):
         super().__init__(**kwargs)
         self.metrics = nn.ModuleDict()
 
@@ -63,6 +67,9 @@ class RewardModule(PhaseMetricsHooks, CausalLMModule):
         return losses
 
     def training_step(self, batch, batch_idx):
-        loss = self._step(batch, "train").mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["community"]))
+        losses = self._step(batch, "train")
+        self.log("train/loss", losses.mean(), prog_bar=True, batch_size=len(batch["community"]))
+        loss = self.preference_objective(losses, batch["community"])
+        if self.group_weights is not None:
+            self.log("train/objective", loss, batch_size=len(batch["community"]))
         return loss

@@ -138,6 +138,59 @@ def test_seeded_limit():
 # Test prompts
 
 
+def test_allocate_hand_computed():
+    """Groups of 1000, 500 and 40 rows, a cap of 300, floor 50: floors 50, 50, 40 (140); the other 160 in proportion
+    to the rows left, 950 and 450 of 1400: 108.57 and 51.43, so 108 and 51, and the one left over to the larger
+    remainder: 159, 101, 40. Floors over the cap share the cap in proportion to them; a cap over all keeps all."""
+    assert pairing.allocate(np.array([1000, 500, 40]), 300, 50).tolist() == [159, 101, 40]
+    assert pairing.allocate(np.array([10, 10, 10]), 15, 10).tolist() == [5, 5, 5]
+    assert pairing.allocate(np.array([10, 3]), 20, 5).tolist() == [10, 3]
+    assert pairing.allocate(np.array([1000, 500, 40]), 300, 0).tolist() == [195, 97, 8]  # floor 0: proportional
+
+
+def test_stratified_limit_draws_each_groups_allocation_in_order():
+    groups = np.repeat([0, 1, 2], [1000, 500, 40])
+    kept = pairing.stratified_limit(np.random.default_rng(0).permutation(groups), 300, 50, seed=4)
+    assert len(kept) == 300 and (np.diff(kept) > 0).all()
+    shuffled = np.random.default_rng(0).permutation(groups)
+    assert np.bincount(shuffled[kept]).tolist() == [159, 101, 40]
+    assert kept.tolist() == pairing.stratified_limit(shuffled, 300, 50, seed=4).tolist()
+    assert kept.tolist() != pairing.stratified_limit(shuffled, 300, 50, seed=5).tolist()
+    assert pairing.stratified_limit(shuffled, None, 50, 0).tolist() == list(range(1540))
+
+
+@pytest.fixture(scope="module")
+def minority():
+    from personalm.data import synthetic
+
+    return synthetic.dataset_dir("embedded:compred-minority")
+
+
+def test_a_stratified_cap_keeps_every_community_and_a_uniform_one_thins_the_small_one(minority):
+    """The hard subset's 3,125 training pairs (750 per large community, 125 of r/financialindependence: 4%),
+    capped at 400. Drawn over all pairs the small community keeps about 4% (16). Per community with floor 60: each
+    keeps 60 (300), and the other 100 follow the pairs left, 690 of each large community and 65 of the small one
+    (2,825): 24.42 and 2.30, so 24 and 2, and the 2 left over to the largest remainders (the first two large
+    communities in sorted order): 85, 85, 84, 84 and 62."""
+    counts = {}
+    for floor in (None, 60):
+        stats = PrepStats()
+        rows = planned_rows(minority, ["minority"], "train_pref", stats, max_train_pairs=400, cap_floor=floor)
+        counts[floor] = Counter(rows.column("community").to_pylist())
+        assert rows.num_rows == 400 and stats.capped_out == 3125 - 400
+    assert len(counts[None]) == len(counts[60]) == 5
+    assert 5 <= counts[None]["financialindependence"] <= 30, counts[None]
+    assert counts[60] == {"Frugal": 85, "investing": 85, "personalfinance": 84, "wallstreetbets": 84,
+                          "financialindependence": 62}
+
+
+def test_a_stratified_eval_cap_keeps_each_community_its_floor(minority):
+    stats = PrepStats()
+    rows = planned_rows(minority, ["minority"], "test_pref", stats, max_eval_pairs=500, cap_floor=100)
+    assert Counter(rows.column("community").to_pylist()) == {c: 100 for c in (
+        "personalfinance", "wallstreetbets", "Frugal", "investing", "financialindependence")}
+
+
 def test_to_prompts_one_per_post_in_file_order(tmp_path):
     order = ["p2", "p1", "p2", "p3", "p1", "p3", "p4"]
     rows = [{"rank": i, "only_comment": False, "domain": f"c{p}_test", "post_id": p, "title": f"t{p}",

@@ -146,3 +146,26 @@ def test_prediction_stages_with_vllm_write_what_hf_wrote(first, small_compred, t
         vllm = (root / stage / "predictions.jsonl").read_text()
         assert vllm == (hf / "predictions.jsonl").read_text() and len(vllm.splitlines()) == 32, stage
         assert len({json.loads(line)["response"] for line in vllm.splitlines()}) > 1, stage
+
+
+def test_a_dpo_variant_runs_beside_plain_dpo_and_the_report_shows_both(first, small_compred, tmp_path, capsys):
+    """The finished study, copied and rerun with a group-robust DPO variant: only the variant's stages and the
+    report run; the report puts it beside plain DPO (accuracy with n, macro, worst), with its weights alpha at the
+    end and its win rates against the model without context."""
+    root = tmp_path / "study"
+    shutil.copytree(first[0], root)
+    capsys.readouterr()
+    robust = ['--model.init_args.group_robust={"eta": 1.0, "start": "uniform"}']
+    done = study.main([*study_args(root, small_compred), f"--dpo_variants={json.dumps({'robust': robust})}"])
+    assert ran(capsys) == ["dpo_robust", "test_dpo_robust", "predict_robust", "judge_robust_vs_no_context", "report"]
+    report = json.loads((root / "report" / "report.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["context", "robust"]
+    plain, variant = report["variants"]
+    assert variant["alpha"] and plain["alpha"] is None and len(variant["alpha"]) == 8
+    assert set(variant["accuracy"]) >= {"r/AskHistorians", "all pairs", "macro", "worst"}
+    assert variant["accuracy"]["all pairs"][1] == plain["accuracy"]["all pairs"][1] > 0  # the same test pairs
+    assert "all" in variant["win_rates"] and done["judge_robust_vs_no_context"]["outputs"]["result"] == "judge.json"
+    md = (root / "report" / "report.md").read_text()
+    assert "## DPO variants, side by side" in md and "| community | pairs | context | robust |" in md
+    assert "Weights alpha at the end of training:" in md

@@ -88,6 +88,11 @@ def plan_split(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, stats: Pr
     for (_, value), code in community_codes.codes.items():
         names[code] = value
     codes_all = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+    community_all = np.concatenate(communities) if communities else np.zeros(0, np.int64)
+    # one group per community, whatever its domain strings (a stratified cap draws per community)
+    normalized = sorted({normalize_domain(v) for v in names.values()})
+    group_of = np.array([normalized.index(normalize_domain(names[c])) for c in range(len(names))], dtype=np.int64)
+    groups_all = group_of[community_all] if len(names) else community_all
     n = len(codes_all)
     if n == 0:
         raise empty_split(where, spec, stats, f"the documented skips ({stats.skipped})")
@@ -101,18 +106,25 @@ def plan_split(files: Sequence[tuple[str, list[Path]]], spec: RowSpec, stats: Pr
             raise empty_split(where, spec, stats, f"the paper's subsample (the score-ratio threshold, min_score_ratio: "
                          f"{spec.min_score_ratio}, then max_pairs_per_post: {spec.max_pairs_per_post}; none of "
                          f"the {n} pairs passes)")
-        keep = keep[pairs.seeded_limit(len(keep), spec.max_pairs, spec.seed)]
+        keep = keep[_cap(spec, groups_all[keep])]
     else:
-        keep = pairs.seeded_limit(n, spec.max_pairs, spec.seed)
+        keep = _cap(spec, groups_all)
     stats.capped_out = n - stats.subsampled_out - len(keep) if not prompts else 0
     # the kept positions back to their units
     bounds = np.cumsum([0] + [len(r) for r in unit_rows])
     for i, unit in enumerate(units):
         lo, hi = np.searchsorted(keep, [bounds[i], bounds[i + 1]])
         unit.rows = unit_rows[i][keep[lo:hi] - bounds[i]]
-    kept_communities = np.unique(np.concatenate(communities)[keep])
+    kept_communities = np.unique(community_all[keep])
     return Plan(units=[u for u in units if len(u.rows)], kept=len(keep),
                 communities=sorted({normalize_domain(names[c]) for c in kept_communities}))
+
+
+def _cap(spec: RowSpec, communities: np.ndarray) -> np.ndarray:
+    """Positions the split's cap keeps: drawn over all pairs, or per community with ``cap_floor``."""
+    if spec.cap_floor is None:
+        return pairs.seeded_limit(len(communities), spec.max_pairs, spec.seed)
+    return pairs.stratified_limit(communities, spec.max_pairs, spec.cap_floor, spec.seed)
 
 
 def files_named(files: Sequence[tuple[str, list[Path]]]) -> str:

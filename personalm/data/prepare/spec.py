@@ -26,6 +26,7 @@ class RowSpec:
     min_score_ratio: Optional[float] = None
     max_pairs_per_post: Optional[int] = None
     max_pairs: Optional[int] = None  # the seeded cap (max_train_pairs or max_eval_pairs)
+    cap_floor: Optional[int] = None  # the cap drawn per community with this floor (None: drawn over all pairs)
 
     @classmethod
     def of(cls, split: str, hp) -> "RowSpec":
@@ -33,7 +34,7 @@ class RowSpec:
         setting does not invalidate the evaluation splits)."""
         mode = "random" if hp["random_community"] else ("true" if hp["contextualize"] else "none")
         common = dict(split=split, mode=mode, max_length=hp["max_length"], max_prompt_length=hp["max_prompt_length"],
-                      seed=hp["seed"])
+                      seed=hp["seed"], cap_floor=hp.get("cap_floor"))
         if split == PROMPT_SPLIT:
             spec = cls(rows="prompts", variants=(), **common)
         else:
@@ -46,6 +47,8 @@ class RowSpec:
                 spec = cls(rows=hp["rows"], variants=variants, max_pairs=hp["max_eval_pairs"], **common)
         drawn = spec.mode == "random" or "random" in spec.variants or spec.max_pairs is not None or (
             spec.split == "train_pref" and spec.max_pairs_per_post is not None)
+        if spec.max_pairs is None:
+            spec = replace(spec, cap_floor=None)  # no cap: its floor acts on nothing
         return spec if drawn else replace(spec, seed=None)  # a seed sweep shares the splits no draw acts on
 
     @property

@@ -1,0 +1,188 @@
+"""Group-robust preference optimization over communities (Ramesh et al. 2024, "Group Robust Preference Optimization
+in Reward-free RLHF", arXiv 2405.20304; reference code rsshyam/Group-robust-preference-optimization,
+``compute_robust_loss``), for DPO and the reward model.
+
+Plain DPO minimizes the mean loss over the pairs it sees, so a community with a few percent of them barely moves it.
+Group-robust DPO keeps weights alpha over communities and minimizes sum_g alpha_g L_g, moving alpha towards the
+communities whose loss is high (mirror ascent):
+
+    alpha_g <- alpha_g * exp(eta * L_g), then normalized to sum 1      (L_g = 0 for a community absent from the step)
+
+The per-community loss here is the reference code's scaled sum, L_g = (N / N_g) * sum_{i in g} l_i / B (N_g: the
+community's training pairs, N all of them, B the step's pairs), an unbiased estimate of the community's mean loss
+that adds up over micro-batches and processes. So the objective is a weighted mean of the pairs' losses, each pair of
+community g weighted w_g = alpha_g * N / N_g:
+
+- ``start: share`` (alpha_g = N_g / N): every w_g is 1 and, with ``eta: 0``, this is exactly plain DPO;
+- ``start: uniform`` (alpha_g = 1 / G): w_g = N / (G N_g), each community weighted by the inverse of its share; with
+  ``eta: 0`` this is the fixed-weights baseline (every community counts as much, whatever its size).
+
+The update happens once per optimizer step, from that step's losses (all micro-batches of an accumulation, summed
+across processes, so every process holds the same alpha); a step trains with the weights the previous step left.
+(The reference code, which does not accumulate, updates before its backward: the same rule, one step earlier; with
+accumulation the step's losses are only known after its last micro-batch's backward.) alpha is saved in checkpoints,
+logged per community (``train/group_robust/alpha/r_<community>``) and written beside a DPO export
+(``personalm_group_robust.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+STATE = "personalm_group_robust"  # in a checkpoint: alpha and the step's partial sums
+RECORD = "personalm_group_robust.json"  # beside an export: the settings and alpha at the end
+
+
+@dataclass
+class GroupRobustSettings:
+    """Group-robust weights over communities (see ``personalm.training.group_robust``)."""
+
+    eta: float = 0.01
+    """Step size of the update alpha_g *= exp(eta * L_g); 0 keeps the weights where they start."""
+    start: Literal["share", "uniform"] = "share"
+    """Where alpha starts: ``share`` (N_g / N: eta 0 is plain DPO) or ``uniform`` (1 / G: eta 0 weighs each community
+    by the inverse of its share of the training pairs)."""
+
+    def __post_init__(self):
+        if self.eta < 0:
+            raise ValueError(f"group_robust.eta must be >= 0, got {self.eta}")
+        if self.start not in ("share", "uniform"):
+            raise ValueError(f"group_robust.start must be share or uniform, got {self.start!r}")
+
+
+def start_weights(counts: torch.Tensor, start: str) -> torch.Tensor:
+    """alpha at the start: each community's share of the training pairs, or uniform."""
+    return counts / counts.sum() if start == "share" else torch.full_like(counts, 1.0 / len(counts))
+
+
+def pair_weights(alpha: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The weight of a pair of community g in the objective: w_g = alpha_g * N / N_g."""
+    return alpha * counts.sum() / counts
+
+
+def group_losses(loss_sums: torch.Tensor, pairs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """L_g = (N / N_g) * sum_{i in g} l_i / B from the step's per-community sums of losses and its B pairs."""
+    return counts.sum() / counts * loss_sums / pairs.clamp(min=1)
+
+
+def update(alpha: torch.Tensor, losses: torch.Tensor, eta: float) -> torch.Tensor:
+    """alpha_g * exp(eta * L_g), normalized (in log space: no overflow for large eta * L)."""
+    return torch.softmax(torch.log(alpha) + eta * losses, dim=0)
+
+
+class GroupWeights:
+    """The weights of one run over the communities of its training split (in sorted order), on ``device``."""
+
+    def __init__(self, settings: GroupRobustSettings, communities: Sequence[str], counts: Sequence[int],
+                 device: Optional[torch.device] = None):
+        self.settings, self.communities = settings, list(communities)
+        self.index = {c: i for i, c in enumerate(self.communities)}
+        self.counts = torch.tensor(counts, dtype=torch.float64, device=device)
+        if (self.counts <= 0).any():
+            raise ValueError("every community needs training pairs for group-robust weights: "
+                             f"{dict(zip(communities, counts))}")
+        self.alpha = start_weights(self.counts, settings.start)
+        self.loss_sums = torch.zeros_like(self.counts)  # this optimizer step's, on this process
+        self.pairs = torch.zeros((), dtype=torch.float64, device=device)
+
+    def objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
+        """The weighted mean of a micro-batch's per-pair losses (what it backpropagates); its losses are added to
+        the step's sums for the update."""
+        groups = torch.tensor([self.index[c] for c in communities], device=losses.device)
+        weights = pair_weights(self.alpha, self.counts).to(losses.dtype)[groups]
+        self.loss_sums.index_add_(0, groups, losses.detach().to(torch.float64))
+        self.pairs += len(communities)
+        return (weights * losses).mean()
+
+    def step(self, reduce=lambda t: t) -> None:
+        """At an optimizer step: the step's per-community losses (summed over processes by ``reduce``) update
+        alpha; the sums start again."""
+        sums = reduce(torch.cat([self.loss_sums, self.pairs.reshape(1)]))
+        self.alpha = update(self.alpha, group_losses(sums[:-1], sums[-1], self.counts), self.settings.eta)
+        self.loss_sums.zero_()
+        self.pairs.zero_()
+
+    def logged(self) -> dict[str, torch.Tensor]:
+        return {f"train/group_robust/alpha/r_{c}": self.alpha[i].float() for i, c in enumerate(self.communities)}
+
+    def state_dict(self) -> dict:
+        return {"communities": self.communities, "alpha": self.alpha.cpu(), "loss_sums": self.loss_sums.cpu(),
+                "pairs": self.pairs.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["communities"] != self.communities:
+            raise ValueError(f"the checkpoint's group-robust weights are over {state['communities']}, this run's "
+                             f"training split has {self.communities}")
+        device = self.counts.device
+        self.alpha, self.loss_sums, self.pairs = (state[k].to(device) for k in ("alpha", "loss_sums", "pairs"))
+
+    def record(self) -> str:
+        """``personalm_group_robust.json``: the settings, each community's training pairs and alpha at the end."""
+        return json.dumps({"settings": asdict(self.settings),
+                           "pairs": dict(zip(self.communities, map(int, self.counts.tolist()))),
+                           "alpha": dict(zip(self.communities, self.alpha.tolist()))}, indent=2)
+
+
+def community_counts(ds) -> tuple[list[str], list[int]]:
+    """The communities of a prepared split (sorted) and their pairs, counted in Arrow (no Python list of rows)."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(ds.select_columns(["community"]).with_format("arrow")[:].column("community"))
+    found = sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    return [c for c, _ in found], [n for _, n in found]
+
+
+class GroupRobustHooks:
+    """Mixed into a LightningModule with a ``group_robust`` setting (DPO, the reward model): the weights built for
+    the training split, the weighted objective, the update at each optimizer step, checkpoints and the record."""
+
+    group_weights: Optional[GroupWeights] = None
+
+    @property
+    def group_robust_settings(self) -> Optional[GroupRobustSettings]:
+        value = self.hparams.get("group_robust")
+        return None if value is None else GroupRobustSettings(**value)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        settings = self.group_robust_settings
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and settings is not None and self.group_weights is None:
+            names, counts = community_counts(dm.splits["train_pref"])
+            self.group_weights = GroupWeights(settings, names, counts, self.device)
+
+    def preference_objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
+        """What a training step minimizes of its per-pair losses: their mean, or the group-robust weighted mean."""
+        if self.group_weights is None:
+            return losses.mean()
+        return self.group_weights.objective(losses, communities)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.group_weights is not None:
+            self.group_weights.step(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            self.log_dict(self.group_weights.logged())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.group_weights is not None:
+            checkpoint[STATE] = self.group_weights.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if STATE in checkpoint:
+            self._group_state = checkpoint[STATE]
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        state = getattr(self, "_group_state", None)
+        if state is not None and self.group_weights is not None:
+            self.group_weights.load_state_dict(state)
+            self._group_state = None
+
+    def export_extras(self) -> dict:
+        extras = super().export_extras()
+        return {**extras, RECORD: self.group_weights.record()} if self.group_weights is not None else extras

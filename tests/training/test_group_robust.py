@@ -1,0 +1,166 @@
+"""Group-robust weights over communities (``personalm.training.group_robust``): the update on a hand-computed
+example, eta 0 as the baselines its start implies, the same alpha on 2 processes as on 1, and exact resume."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from personalm.cli import main
+from personalm.training.group_robust import RECORD, GroupRobustSettings, GroupWeights
+from tests.helpers import DEMO_DPO, DEMO_REWARD, kill_at, quiet, safetensors_diff, step_scalars
+
+COMMUNITIES, COUNTS = ["a", "b", "c"], [6, 3, 1]  # N = 10 training pairs
+
+
+def test_two_steps_by_hand():
+    """alpha starts at the shares [0.6, 0.3, 0.1]; eta 0.5; the scaled-sum loss L_g = (N / N_g) sum_g l / B.
+
+    Step 1, one micro-batch: a, a, b with losses 1.0, 0.5, 2.0 (B = 3). The pair weights w_g = alpha_g N / N_g are
+    all 1, so the objective is the plain mean 3.5 / 3. L = [(10/6)(1.5)/3, (10/3)(2)/3, 0] = [0.833333, 2.222222, 0]
+    (c is absent: its factor is exp(0) = 1). alpha * exp(0.5 L) = [0.6 * 1.516897, 0.3 * 3.037732, 0.1 * 1] =
+    [0.910138, 0.911320, 0.1], sum 1.921458: alpha = [0.473671, 0.474286, 0.052044].
+
+    Step 2, two micro-batches (accumulation): c with loss 3.0, then a with 1.0 (B = 2). They train with step 1's
+    alpha: objectives 3.0 * 0.052044 * 10 = 1.561315 and 1.0 * 0.473671 * 10 / 6 = 0.789451. L = [(10/6)(1)/2, 0,
+    10 * 3 / 2] = [0.833333, 0, 15]; b is absent (factor 1). alpha * exp(0.5 L) = [0.718509, 0.474286, 94.097440],
+    sum 95.290235: alpha = [0.007540, 0.004977, 0.987483]."""
+    w = GroupWeights(GroupRobustSettings(eta=0.5, start="share"), COMMUNITIES, COUNTS)
+    assert_close(w.alpha, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
+    first = w.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"])
+    assert_close(first, torch.tensor(3.5 / 3))
+    w.step()
+    assert_close(w.alpha, torch.tensor([0.4736706512, 0.4742855257, 0.0520438231], dtype=torch.float64))
+    assert_close(w.objective(torch.tensor([3.0]), ["c"]), torch.tensor(1.5613146929))
+    assert_close(w.objective(torch.tensor([1.0]), ["a"]), torch.tensor(0.7894510853))
+    w.step()
+    assert_close(w.alpha, torch.tensor([0.0075402217, 0.0049772731, 0.9874825052], dtype=torch.float64))
+    assert float(w.pairs) == 0 and float(w.loss_sums.abs().sum()) == 0  # the next step's sums start again
+
+
+def test_eta_0_is_the_baseline_its_start_implies():
+    """eta 0 never moves alpha. Started at the shares, the objective and its gradient are plain DPO's mean; started
+    uniform, each pair is weighted N / (G N_g) = [10/18, 10/9, 10/3]: the inverse share of its community."""
+    losses = torch.tensor([0.3, 1.2, 0.7, 2.0, 0.1], requires_grad=True)
+    groups = ["a", "b", "a", "c", "b"]
+    share = GroupWeights(GroupRobustSettings(eta=0.0, start="share"), COMMUNITIES, COUNTS)
+    for _ in range(3):
+        objective = share.objective(losses, groups)
+        (grad,) = torch.autograd.grad(objective, losses)
+        assert_close(objective, losses.mean(), rtol=0, atol=1e-7)
+        assert_close(grad, torch.full((5,), 1 / 5), rtol=0, atol=1e-8)
+        share.step()
+    assert_close(share.alpha, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
+    uniform = GroupWeights(GroupRobustSettings(eta=0.0, start="uniform"), COMMUNITIES, COUNTS)
+    inverse = torch.tensor([10 / 18, 10 / 9, 10 / 3])[torch.tensor([0, 1, 0, 2, 1])]
+    (grad,) = torch.autograd.grad(uniform.objective(losses, groups), losses)
+    assert_close(grad, inverse / 5)
+    uniform.step()
+    assert_close(uniform.alpha, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_large_losses_do_not_overflow_and_settings_are_checked():
+    w = GroupWeights(GroupRobustSettings(eta=100.0), COMMUNITIES, COUNTS)
+    w.objective(torch.tensor([50.0]), ["c"])
+    w.step()
+    assert torch.isfinite(w.alpha).all() and float(w.alpha[2]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        GroupRobustSettings(eta=-1)
+    with pytest.raises(ValueError, match="start must be share or uniform"):
+        GroupRobustSettings(start="equal")
+
+
+def _dpo_args(root, data, start, *extra):
+    return [*DEMO_DPO, *quiet(root), f"--data.dataset={data}", f"--model.init_args.model_name_or_path={start}",
+            "--data.max_train_pairs=null", "--data.subset=finance", "--trainer.limit_val_batches=0", *extra]
+
+
+def test_dpo_with_eta_0_at_the_shares_trains_plain_dpos_weights(sft_run, small_compred, tmp_path):
+    """Four DPO steps with and without ``group_robust: {eta: 0}`` (alpha at the shares): the same weights (1e-6),
+    and the record beside the export holds alpha, unmoved."""
+    sft, _ = sft_run
+    plain = main(["fit", *_dpo_args(tmp_path / "plain", small_compred, sft.model.export_path,
+                                    "--trainer.max_steps=4")])
+    robust = main(["fit", *_dpo_args(tmp_path / "robust", small_compred, sft.model.export_path,
+                                     "--trainer.max_steps=4", '--model.init_args.group_robust={"eta": 0.0}')])
+    assert safetensors_diff(plain.model.export_path, robust.model.export_path) <= 1e-6
+    record = json.loads((Path(robust.model.export_path) / RECORD).read_text())
+    shares = {c: n / sum(record["pairs"].values()) for c, n in record["pairs"].items()}
+    assert record["alpha"] == pytest.approx(shares) and len(shares) == 4
+
+
+def test_reward_model_takes_the_same_weights(sft_run, small_compred, tmp_path):
+    """The reward model with ``group_robust``: alpha moves towards the communities it gets wrong, logged per
+    community, recorded beside the export."""
+    sft, _ = sft_run
+    cli = main(["fit", *DEMO_REWARD, *quiet(tmp_path), f"--data.dataset={small_compred}",
+                f"--model.init_args.model_name_or_path={sft.model.export_path}", "--trainer.max_steps=5",
+                "--trainer.limit_val_batches=0", '--model.init_args.group_robust={"eta": 1.0, "start": "uniform"}',
+                "--trainer.log_every_n_steps=1"])
+    record = json.loads((Path(cli.model.export_path) / RECORD).read_text())
+    assert len(record["alpha"]) == 8 and max(record["alpha"].values()) > 1 / 8 > min(record["alpha"].values())
+    logged = step_scalars(Path(cli.trainer.log_dir))
+    assert len(logged["train/group_robust/alpha/r_Frugal"]) == 5
+    assert logged["train/group_robust/alpha/r_Frugal"][4] == pytest.approx(record["alpha"]["Frugal"], abs=1e-6)
+
+
+GR = '--model.init_args.group_robust={"eta": 2.0}'
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_alpha_of_one_process_over_the_same_pairs(sft_run, small_compred, tmp_path):
+    """DDP on 2 gloo processes with 4 pairs each a step, against 1 process with 8: the sampler's one shuffle puts
+    the same 8 pairs in each step, the per-community sums are reduced across processes, so alpha after 6 steps is
+    the same (1e-6), and so are the weights."""
+    sft, _ = sft_run
+    common = _dpo_args(tmp_path, small_compred, sft.model.export_path, "--trainer.max_steps=6", GR)
+    one = main(["fit", *common, "--data.batch_size=8", f"--trainer.default_root_dir={tmp_path / 'one'}"])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    two = subprocess.run([sys.executable, "-m", "personalm", "fit", *common, "--data.batch_size=4",
+                          f"--trainer.default_root_dir={tmp_path / 'two'}", "--trainer.accelerator=cpu",
+                          "--trainer.devices=2", "--trainer.strategy=ddp"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    export = next((tmp_path / "two").rglob("hf_model"))
+    a, b = (json.loads((Path(p) / RECORD).read_text())["alpha"] for p in (one.model.export_path, export))
+    assert a == pytest.approx(b, abs=1e-6)
+    assert max(a.values()) - min(a.values()) > 0.05  # alpha moved: the check can tell
+    assert safetensors_diff(one.model.export_path, export) <= 1e-5
+
+
+@pytest.mark.slow
+def test_group_robust_dpo_killed_and_resumed_ends_with_the_same_weights_and_alpha(sft_run, small_compred, tmp_path):
+    """Group-robust DPO with balanced draws (tau 0) and a stratified cap, 2 micro-batches a step, a checkpoint
+    every 2 steps, SIGKILLed at step 5 and resumed with ``--ckpt_path last``: the export and alpha equal the
+    uninterrupted run's (1e-6), and so do the logged alphas after the resume point."""
+    sft, _ = sft_run
+    args = _dpo_args(tmp_path, small_compred, sft.model.export_path, GR, "--trainer.max_steps=8",
+                     "--trainer.accumulate_grad_batches=2", "--data.batch_size=4", "--data.community_tau=0",
+                     "--data.max_train_pairs=60", "--data.cap_floor=10", "--checkpoints.every_n_steps=2",
+                     "--trainer.log_every_n_steps=1")
+    args = [a for a in args if not a.startswith("--trainer.default_root_dir")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def fit(root, *extra):
+        return subprocess.run([sys.executable, "-m", "personalm", "fit", *args, f"--trainer.default_root_dir={root}",
+                               *extra], env=env, capture_output=True, text=True, timeout=300)
+    main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'full'}"])
+    killed = fit(tmp_path / "killed", kill_at(5))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = fit(tmp_path / "killed", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    full, again = (tmp_path / run / "lightning_logs" / "version_0" for run in ("full", "killed"))
+    assert safetensors_diff(full / "hf_model", again / "hf_model") <= 1e-6
+    a, b = (json.loads((run / "hf_model" / RECORD).read_text())["alpha"] for run in (full, again))
+    assert a == pytest.approx(b, abs=1e-6) and max(a.values()) - min(a.values()) > 0.05
+    logged_full, logged_again = step_scalars(full), step_scalars(again)
+    tag = "train/group_robust/alpha/r_investing"
+    assert {s: v for s, v in logged_full[tag].items() if s > 4} == pytest.approx(
+        {s: logged_again[tag][s] for s in logged_full[tag] if s > 4}, abs=1e-6)
+    assert not math.isnan(sum(a.values()))
