@@ -7,6 +7,7 @@ Owns ``base`` (loading, optimizer and schedule, export), ``callbacks`` (tokens/s
 ``generation`` (``predict``: settings, the HF backend, the row-wise repetition penalty), ``vllm_generation``
 (the vLLM backend, imported only when asked for), ``logprobs``, ``dpo_loss``, ``reference``, ``reference_cache``,
 ``sft``, ``dpo``, ``reward``, ``phase_metrics`` (the per-community metric hooks DPO and the reward model share),
+``group_robust`` (weights over communities for DPO and the reward model),
 ``sharding`` and ``export`` (``python -m personalm export``). May import ``personalm.paths``, ``configs``,
 ``models``, ``data`` and ``evaluation``; not the CLI or the study.
 """

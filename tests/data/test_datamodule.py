@@ -71,6 +71,29 @@ def test_bad_settings_are_refused():
         ComPreDDataModule(contextualize="False")
     with pytest.raises(ValueError, match="contextualize"):
         ComPreDDataModule(contextualize=False, random_community=True)
+    with pytest.raises(ValueError, match="cap_floor must be >= 0"):
+        ComPreDDataModule(cap_floor=-1)
+    with pytest.raises(ValueError, match="community_tau must be >= 0"):
+        ComPreDDataModule(community_tau=-0.5)
+    with pytest.raises(ValueError, match="community_tau and train_group_by_length"):
+        ComPreDDataModule(community_tau=0.0, train_group_by_length=True)
+
+
+def test_community_tau_makes_the_training_loader_draw_by_community(small_compred):
+    """With community_tau the training loader's sampler is the community-balanced one over the split's rows (the
+    split's community codes, sorted names), and an epoch still has as many batches as the plain shuffle."""
+    from personalm.data.batching import CommunityBalancedSampler, community_codes
+
+    plain = ComPreDDataModule(dataset=str(small_compred), subset=["finance", "history"], rows="preference",
+                              max_length=128, batch_size=8)
+    balanced = ComPreDDataModule(dataset=str(small_compred), subset=["finance", "history"], rows="preference",
+                                 max_length=128, batch_size=8, community_tau=0.0)
+    loader = balanced.train_dataloader()
+    assert isinstance(loader.sampler, CommunityBalancedSampler) and loader.sampler.tau == 0.0
+    assert len(loader) == len(plain.train_dataloader())
+    names, codes = community_codes(balanced.splits["train_pref"])
+    assert names == sorted(balanced.splits["train_pref"].unique("community")) and len(names) == 8
+    assert [names[c] for c in codes[:20]] == balanced.splits["train_pref"]["community"][:20]
 
 
 def test_prompts_one_per_post_and_stats(small_compred):
