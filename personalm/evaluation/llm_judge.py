@@ -256,17 +256,25 @@ class LLMJudge:
             self._count("skipped")
             return None
         found: list[Verdict] = []
-        for swap in keys:
-            if stored[swap] is not None:
-                found.append(stored[swap]["verdict"])
-                continue
-            status, verdict = self._judge_one(item, swap, client, key, keys[swap])
-            if status == "skipped":
-                return None
-            if self._store is not None:
-                with self._lock:
-                    self._store.add(keys[swap], status, verdict)
-            found.append(verdict)
+        unasked = len(missing)  # orders whose reserved first call is not made yet
+        try:
+            for swap in keys:
+                if stored[swap] is not None:
+                    found.append(stored[swap]["verdict"])
+                    continue
+                unasked -= 1  # its first call spends the reservation, whatever the outcome
+                status, verdict = self._judge_one(item, swap, client, key, keys[swap])
+                if status == "skipped":
+                    return None
+                if self._store is not None:
+                    with self._lock:
+                        self._store.add(keys[swap], status, verdict)
+                found.append(verdict)
+                if verdict is None:  # refused, garbage or failed: the item has no verdict, the other order
+                    return None  # is not paid for
+        finally:
+            with self._lock:
+                self._reserved -= unasked
         verdict = combine(found)
         if len(found) == 2 and verdict == "tie":
             self._count("disagreed")

@@ -14,8 +14,9 @@ from personalm.models import load_reward_model, load_tokenizer, resolve
 
 class RewardJudge:
     """``personalm.evaluation.judge.Judge`` backed by a trained reward model: both responses are scored in the
-    prompt of the true community, the higher reward wins; within ``tie_margin`` it is a tie (the same
-    text scored in two batch positions differs by float noise, ~1e-7).
+    prompt of the true community, the higher reward wins; within ``tie_margin`` it is a tie (default: 1e-4 with
+    fp32 weights, where the same text scored in two batch positions differs by float noise, ~1e-7; 1e-2 with 16-bit
+    weights, about bf16's resolution of a reward near 1, so that a near-tie is not decided by the batch's padding).
 
     The order of A and B does not matter to a reward model (each response is scored alone), so none
     is randomised. Two identical responses are a tie without scoring. A post whose title and template leave no
@@ -24,7 +25,7 @@ class RewardJudge:
     """
 
     def __init__(self, model_name_or_path: str, max_length: int = 1024, batch_size: int = 16,
-                 tie_margin: float = 1e-4, device: Optional[str] = None,
+                 tie_margin: Optional[float] = None, device: Optional[str] = None,
                  tokenizer_name_or_path: Optional[str] = None, dtype: Optional[str] = None):
         self.tokenizer = load_tokenizer(model_name_or_path)
         if tokenizer_name_or_path is not None:
@@ -42,7 +43,9 @@ class RewardJudge:
         self.model = load_reward_model(model_name_or_path, dtype, pad_token_id=self.tokenizer.pad_token_id).eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.max_length, self.batch_size, self.tie_margin = max_length, batch_size, tie_margin
+        self.max_length, self.batch_size = max_length, batch_size
+        half = next(self.model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        self.tie_margin = tie_margin if tie_margin is not None else (1e-2 if half else 1e-4)
 
     @torch.no_grad()
     def scores(self, items: Sequence[Comparison]) -> list[Optional[tuple[float, float]]]:

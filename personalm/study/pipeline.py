@@ -36,7 +36,7 @@ from personalm.training.group_robust import RECORD as GROUP_ROBUST_RECORD
 class LLMJudgeSettings:
     """An OpenAI-compatible chat endpoint; the key is read from the environment variable ``api_key_env``. Each
     item is shown in both orders by default (a win only where both agree; ``orders: one`` halves the calls and
-    leaves position bias to average out); ``max_calls`` counts every call of the study across reruns (each order
+    leaves position bias to average out); ``max_calls`` counts every call of a comparison across reruns (each order
     is one) and, when it runs out, leaves a random sample stratified by community judged."""
 
     base_url: str
@@ -83,6 +83,7 @@ SFT, DPO = {"context": "sft_context", "no_context": "sft_no_context"}, {"context
                                                                           "no_context": "dpo_no_context"}
 TESTS = {"context": "test_dpo_context", "no_context": "test_dpo_no_context", "reward": "test_reward"}
 REWARD, REPORT = "reward", "report"
+REPORT_FORMAT = 2  # what report.json holds: a report written by another version is written again
 COMPARISONS = {"judge_context_vs_no_context": ("predict_context", "predict_no_context", "context", "no context"),
                "judge_context_vs_random": ("predict_context", "predict_random", "context", "random community")}
 
@@ -97,11 +98,14 @@ def stages(s: StudySettings) -> list[Stage]:
     st = Steps(s)
     judges = [st.judge(name, a, b, name_a, name_b, REWARD) for name, (a, b, name_a, name_b) in COMPARISONS.items()]
     variants = []
+    taken = {*SFT.values(), *DPO.values(), *TESTS.values(), REWARD, REPORT, *COMPARISONS,
+             *(stage for a, b, _, _ in COMPARISONS.values() for stage in (a, b))}
     for name, args in s.dpo_variants.items():
-        if not name.isidentifier() or name in ("context", "no_context"):
-            raise ValueError(f"dpo_variants: {name!r} must be a name of letters, digits and _ (not context or "
-                             "no_context)")
         v = variant_stages(name)
+        if not name.isidentifier() or taken & set(v.values()):
+            raise ValueError(f"dpo_variants: {name!r} must be a name of letters, digits and _ whose stages "
+                             f"({', '.join(v.values())}) are not the study's own")
+        taken |= set(v.values())
         variants += [st.fit(v["dpo"], "dpo", context=True, start=SFT["context"], variant=args),
                      st.test(v["test"], "dpo", v["dpo"], context=True),
                      st.predict(v["predict"], v["dpo"], "true"),
@@ -122,7 +126,8 @@ def stages(s: StudySettings) -> list[Stage]:
         st.predict("predict_random", DPO["context"], "random"),
         *judges,
         *variants,
-        Stage(REPORT, report_needs, lambda folder, needs, resume=False: write_report(folder, needs, s)),
+        Stage(REPORT, report_needs, lambda folder, needs, resume=False: write_report(folder, needs, s),
+              {"format": REPORT_FORMAT}),
     ]
 
 
@@ -180,6 +185,13 @@ def parse(argv=None) -> StudySettings:
 
 def main(argv=None) -> dict:
     s = parse(argv)
+    if s.predict_backend == "vllm":  # before any stage runs, not at the first prediction an hour later
+        from personalm.training.vllm_generation import VLLMUnavailable, require_vllm
+
+        try:
+            require_vllm()
+        except VLLMUnavailable as err:
+            raise SystemExit(f"[study] predict_backend vllm: {err}") from None
     if is_embedded(s.dataset) and is_embedded(s.base_model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: never wait on the network
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

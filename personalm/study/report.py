@@ -67,8 +67,8 @@ def variant(name: str, metrics: dict, alpha: Optional[dict], judged: dict) -> Va
     accuracy = {}
     for label, key, count in [*((f"r/{n}", f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
                               ("all pairs", "rewards/accuracies", "pairs")]:
-        value, n = true[key], true[count]
-        accuracy[label] = [value, n, *wilson_interval(value, n)]
+        value, n = true[key], true.get(count)
+        accuracy[label] = [value, n, *(wilson_interval(value, n) if n else (None, None))]
     accuracy["macro"] = [true["rewards/accuracies/macro"], None, None, None]
     accuracy["worst"] = [true["rewards/accuracies/worst"], None, None, None]
     rates = {c: [r["win_rate"], *r["ci95"], r["n"]] for c, r in judged["communities"].items()}

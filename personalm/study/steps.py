@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent.parent
 LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
-LLM_VERDICTS = "llm_judge_verdicts.jsonl"  # in the study's root: every verdict the LLM judge was paid for
+LLM_VERDICTS = "llm_judge_verdicts-{stage}.jsonl"  # in the study's root: every verdict a judge stage paid for
 
 
 def config_path(name: str) -> str:
@@ -131,8 +131,9 @@ class Steps:
         return Stage(name, [fitted], run, self.settings("dpo", "predict"), resumable)
 
     def make_judge(self, reward_model: str, store: Optional[Path] = None) -> judging.Judge:
-        """The study's judge; an LLM judge keeps its verdicts in ``store`` (shared by all judge stages,
-        outside their folders, so a redone stage and a rerun of the study reuse what was paid for)."""
+        """The study's judge; an LLM judge keeps its verdicts in ``store`` (one per comparison, outside its stage's
+        folder, so a redone stage and a rerun of the study reuse what was paid for; each comparison has its own
+        ``max_calls``, so the first cannot spend the budget of the others)."""
         if self.s.judge == "llm":
             from personalm.evaluation.llm_judge import LLMJudge
 
@@ -152,7 +153,8 @@ class Steps:
 
     def judge(self, name: str, a: str, b: str, name_a: str, name_b: str, reward: str) -> Stage:
         def run(folder: Path, needs: dict, resume: bool = False) -> dict:
-            judge = self.make_judge(output(needs[reward], "model"), store=folder.parent / LLM_VERDICTS)
+            judge = self.make_judge(output(needs[reward], "model"),
+                                    store=folder.parent / LLM_VERDICTS.format(stage=name))
             result = judging.compare(output(needs[a], "predictions"), output(needs[b], "predictions"), judge,
                                      name_a=name_a, name_b=name_b, seed=self.s.seed, n_boot=self.s.n_boot)
             result["judge"] = {"kind": self.s.judge, **({"stats": judge.stats} if hasattr(judge, "stats") else {})}

@@ -43,6 +43,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sampling from the k likeliest tokens only (0: all). Passed to both backends, so neither takes another default
+    (transformers' own is 50; a model folder's generation config is not read for it)."""
     backend: Literal["hf", "vllm"] = "hf"
     """``hf``: transformers' ``generate`` in Lightning's predict loop, batches of ``data.eval_batch_size``, any
     strategy. ``vllm``: vLLM's engine (continuous batching, paged KV cache), one process."""
@@ -91,7 +94,8 @@ def hf_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, se
     pad_lengths = input_ids.size(1) - attention_mask.sum(1)
     processors = LogitsProcessorList([RowRepetitionPenalty(settings.repetition_penalty, pad_lengths)]
                                      if settings.repetition_penalty != 1.0 else [])
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
+                "min_p": None} if settings.do_sample else {}
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=synced_gpus,
                          max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                          repetition_penalty=1.0, logits_processor=processors, eos_token_id=eos_id,
@@ -120,13 +124,21 @@ class Generates:
                 dm.set_predict_batch_size(self.generation_settings.vllm.prompts_per_call)
 
     def configure_model(self) -> None:
+        """With the vLLM backend no Hugging Face model is loaded (the engine holds the weights)."""
         if not self.uses_vllm:
             return super().configure_model()
-        if self.engine is None:
+        if self.tokenizer is None:
             from personalm.models import load_tokenizer
-            from personalm.training.vllm_generation import VLLMGenerator
 
             self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+
+    def on_predict_start(self) -> None:
+        """The vLLM engine starts here, outside the device and precision contexts Lightning opens around
+        ``configure_model`` (tensors vLLM makes without naming a device would land in them)."""
+        super().on_predict_start()
+        if self.uses_vllm and self.engine is None:
+            from personalm.training.vllm_generation import VLLMGenerator
+
             self.engine = VLLMGenerator(self.hparams.model_name_or_path, self.tokenizer, self.generation_settings,
                                         self.load_dtype, self.trainer.strategy.root_device)
 

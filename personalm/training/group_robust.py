@@ -17,6 +17,11 @@ community g weighted w_g = alpha_g * N / N_g:
 - ``start: uniform`` (alpha_g = 1 / G): w_g = N / (G N_g), each community weighted by the inverse of its share; with
   ``eta: 0`` this is the fixed-weights baseline (every community counts as much, whatever its size).
 
+With community-balanced draws (``data.community_tau``) a community is drawn with probability q_g instead of N_g / N;
+L_g = sum_{i in g} l_i / (B q_g) and w_g = alpha_g / q_g then (the same formulas with q_g = N_g / N for a plain
+shuffle), so L_g still estimates the community's mean loss and ``start: share`` with ``eta: 0`` is still plain DPO's
+objective in expectation, the draws' bias weighted back out.
+
 The update happens once per optimizer step, from that step's losses (all micro-batches of an accumulation, summed
 across processes, so every process holds the same alpha); a step trains with the weights the previous step left.
 (The reference code, which does not accumulate, updates before its backward: the same rule, one step earlier; with
@@ -31,7 +36,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Sequence
 
+import numpy as np
 import torch
+
+from personalm.data.batching import community_probabilities
 
 STATE = "personalm_group_robust"  # in a checkpoint: alpha and the step's partial sums
 RECORD = "personalm_group_robust.json"  # beside an export: the settings and alpha at the end
@@ -62,14 +70,17 @@ def start_weights(counts: torch.Tensor, start: str) -> torch.Tensor:
     return counts / counts.sum() if start == "share" else torch.full_like(counts, 1.0 / len(counts))
 
 
-def pair_weights(alpha: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The weight of a pair of community g in the objective: w_g = alpha_g * N / N_g."""
-    return alpha * counts.sum() / counts
+def pair_weights(alpha: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """The weight of a pair of community g in the objective: w_g = alpha_g / q_g, q_g the share of draws that are
+    community g's (N_g / N for a plain shuffle: w_g = alpha_g * N / N_g)."""
+    return alpha / drawn
 
 
-def group_losses(loss_sums: torch.Tensor, pairs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """L_g = (N / N_g) * sum_{i in g} l_i / B from the step's per-community sums of losses and its B pairs."""
-    return counts.sum() / counts * loss_sums / pairs.clamp(min=1)
+def group_losses(loss_sums: torch.Tensor, pairs: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """L_g = sum_{i in g} l_i / (B q_g) from the step's per-community sums of losses and its B pairs: for a plain
+    shuffle (q_g = N_g / N) the reference code's (N / N_g) * sum_{i in g} l_i / B; for community-balanced draws
+    the same estimate of community g's mean loss, not inflated by how often it is drawn."""
+    return loss_sums / (pairs.clamp(min=1) * drawn)
 
 
 def update(alpha: torch.Tensor, losses: torch.Tensor, eta: float) -> torch.Tensor:
@@ -81,20 +92,23 @@ class GroupWeights:
     """The weights of one run over the communities of its training split (in sorted order), on ``device``."""
 
     def __init__(self, settings: GroupRobustSettings, communities: Sequence[str], counts: Sequence[int],
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, drawn: Optional[Sequence[float]] = None):
         self.settings, self.communities = settings, list(communities)
         self.index = {c: i for i, c in enumerate(self.communities)}
         self.counts = torch.tensor(counts, dtype=torch.float64, device=device)
         if (self.counts <= 0).any():
             raise ValueError("every community needs training pairs for group-robust weights: "
                              f"{dict(zip(communities, counts))}")
+        # q_g, the share of training draws that are community g's: N_g / N, or the balanced sampler's
+        self.drawn = self.counts / self.counts.sum() if drawn is None else torch.tensor(drawn, dtype=torch.float64,
+                                                                                         device=device)
         self.alpha = start_weights(self.counts, settings.start)
         self.loss_sums = torch.zeros_like(self.counts)  # this optimizer step's, on this process
         self.pairs = torch.zeros((), dtype=torch.float64, device=device)
 
     def to(self, device: torch.device) -> None:
-        self.counts, self.alpha, self.loss_sums, self.pairs = (
-            t.to(device) for t in (self.counts, self.alpha, self.loss_sums, self.pairs))
+        self.counts, self.drawn, self.alpha, self.loss_sums, self.pairs = (
+            t.to(device) for t in (self.counts, self.drawn, self.alpha, self.loss_sums, self.pairs))
 
     def objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
         """The weighted mean of a micro-batch's per-pair losses (what it backpropagates); its losses are added to
@@ -102,7 +116,7 @@ class GroupWeights:
         if self.alpha.device != losses.device:  # built in setup, before the model moved to its device
             self.to(losses.device)
         groups = torch.tensor([self.index[c] for c in communities], device=losses.device)
-        weights = pair_weights(self.alpha, self.counts).to(losses.dtype)[groups]
+        weights = pair_weights(self.alpha, self.drawn).to(losses.dtype)[groups]
         self.loss_sums.index_add_(0, groups, losses.detach().to(torch.float64))
         self.pairs += len(communities)
         return (weights * losses).mean()
@@ -111,7 +125,7 @@ class GroupWeights:
         """At an optimizer step: the step's per-community losses (summed over processes by ``reduce``) update
         alpha; the sums start again."""
         sums = reduce(torch.cat([self.loss_sums, self.pairs.reshape(1)]))
-        self.alpha = update(self.alpha, group_losses(sums[:-1], sums[-1], self.counts), self.settings.eta)
+        self.alpha = update(self.alpha, group_losses(sums[:-1], sums[-1], self.drawn), self.settings.eta)
         self.loss_sums.zero_()
         self.pairs.zero_()
 
@@ -163,7 +177,9 @@ class GroupRobustHooks:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if stage == "fit" and settings is not None and self.group_weights is None:
             names, counts = community_counts(dm.splits["train_pref"])
-            self.group_weights = GroupWeights(settings, names, counts, self.device)
+            tau = dm.hparams.get("community_tau")  # balanced draws: each community's share of them, not of the pairs
+            drawn = None if tau is None else community_probabilities(np.asarray(counts), tau).tolist()
+            self.group_weights = GroupWeights(settings, names, counts, self.device, drawn)
 
     def preference_objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
         """What a training step minimizes of its per-pair losses: their mean, or the group-robust weighted mean."""

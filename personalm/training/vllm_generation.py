@@ -106,7 +106,8 @@ class VLLMGenerator:
         self.params = vllm.SamplingParams(
             max_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
             temperature=settings.temperature if settings.do_sample else 0.0,
-            top_p=settings.top_p if settings.do_sample else 1.0, detokenize=False, skip_special_tokens=False)
+            top_p=settings.top_p if settings.do_sample else 1.0, top_k=settings.top_k if settings.do_sample else 0,
+            detokenize=False, skip_special_tokens=False)
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         """New token ids per prompt (in order), up to and including EOS."""

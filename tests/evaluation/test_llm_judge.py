@@ -507,3 +507,13 @@ def test_a_budget_judges_a_seeded_sample_that_covers_every_community(server, tmp
     assert all(e == v for e, v in zip(extended, verdicts) if v is not None)
     both, _ = make_judge(server, max_calls=20, orders="both")
     assert sum(v is not None for v in both.judge(batch)) == 10 and both.stats["calls"] == 20
+
+
+def test_both_orders_an_item_refused_in_one_order_is_not_asked_in_the_other(server):
+    """Under ``orders: both``, the endpoint refuses item 0 (a content filter): it gets no verdict, its other order
+    is not paid for, and the budget it had set aside goes to the other items (7 calls: 1 + 2 x 3, all judged)."""
+    server.default = by_title({0: (400, {"error": {"code": "content_filter"}}, 0.0)})
+    judge, _ = make_judge(server, orders="both", max_calls=7, concurrency=1)
+    verdicts = judge.judge(items(4))
+    assert verdicts[0] is None and verdicts[1:] == ["tie"] * 3
+    assert judge.stats["calls"] == 7 and judge.stats["refused"] == 1 and not judge.stats["budget_exhausted"]

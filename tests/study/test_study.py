@@ -169,3 +169,16 @@ def test_a_dpo_variant_runs_beside_plain_dpo_and_the_report_shows_both(first, sm
     md = (root / "report" / "report.md").read_text()
     assert "## DPO variants, side by side" in md and "| community | pairs | context | robust |" in md
     assert "Weights alpha at the end of training:" in md
+
+
+def test_predict_backend_vllm_without_vllm_fails_before_any_stage(small_compred, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError, as where it is not installed
+    with pytest.raises(SystemExit, match="predict_backend vllm: generation.backend vllm needs vLLM"):
+        study.main([*study_args(tmp_path, small_compred), "--predict_backend=vllm"])
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["random", "context", "no_context", "two words"])
+def test_a_dpo_variant_may_not_take_a_stage_of_the_study(name):
+    with pytest.raises(ValueError, match="are not the study's own|letters, digits"):
+        study.stages(study.StudySettings(dpo_variants={name: []}))

@@ -65,6 +65,21 @@ def test_eta_0_is_the_baseline_its_start_implies():
     assert_close(uniform.alpha, torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
+def test_balanced_draws_are_weighted_back_out():
+    """With community-balanced draws (each community a third of them, q = 1/3), a pair weighs alpha_g / q_g: at the
+    shares [0.6, 0.3, 0.1] that is [1.8, 0.9, 0.3], so a large community's few draws count for its many pairs (eta 0
+    is plain DPO's objective in expectation); the step's L_g divides by B q_g: c's one loss of 3.0 in a step of 3
+    pairs gives 3.0 / (3 / 3) = 3.0, its mean loss, not the 30.0 of N / N_g scaling."""
+    w = GroupWeights(GroupRobustSettings(eta=1.0), COMMUNITIES, COUNTS, drawn=[1 / 3] * 3)
+    losses = torch.tensor([1.0, 1.0, 3.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(w.objective(losses, ["a", "b", "c"]), losses)
+    assert_close(grad, torch.tensor([1.8, 0.9, 0.3]) / 3)
+    w.step()
+    expected = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64) * torch.exp(torch.tensor([1.0, 1.0, 3.0],
+                                                                                           dtype=torch.float64))
+    assert_close(w.alpha, expected / expected.sum())
+
+
 def test_large_losses_do_not_overflow_and_settings_are_checked():
     w = GroupWeights(GroupRobustSettings(eta=100.0), COMMUNITIES, COUNTS)
     w.objective(torch.tensor([50.0]), ["c"])
