@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (their subprocesses too)
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["PERSONALM_CACHE"] = os.path.join(_CACHE, "personalm")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 

@@ -55,8 +55,9 @@ def test_study_runs_every_stage_and_writes_the_report(first, small_compred):
     assert judged["a"] == "context" and judged["overall"]["n"] > 0 and len(judged["overall"]["ci95"]) == 2
 
 
-def test_rerun_skips_finished_and_redoes_a_broken_stage_and_what_depends_on_it(first, small_compred, capsys):
-    root, done = first
+def test_rerun_skips_finished_and_redoes_a_broken_stage_and_what_depends_on_it(first, small_compred, tmp_path, capsys):
+    root = tmp_path / "study"  # a copy: the other tests start from the finished study as it was
+    shutil.copytree(first[0], root)
     capsys.readouterr()
     run(root, small_compred)
     assert ran(capsys) == []  # everything finished: nothing runs again
