@@ -6,12 +6,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from personalm.data.datamodule import ComPreDDataModule
 from personalm.evaluation.predict_writer import JsonlPredictionWriter
 from personalm.training.base import CausalLMModule
+from personalm.training.callbacks import LoggingStepProgressBar
 from personalm.training.checkpoints import Checkpoints, last_checkpoint
 
 
@@ -70,9 +71,13 @@ class PersonalmCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         """``enable_checkpointing: false`` (benchmarks, throwaway runs) also drops the ``checkpoints`` block,
-        which Lightning would otherwise refuse as a checkpoint callback with checkpointing disabled."""
+        which Lightning would otherwise refuse as a checkpoint callback with checkpointing disabled. The progress
+        bar is ``LoggingStepProgressBar`` unless the config names one."""
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
+                                                                       [*callbacks, *(config.get("callbacks") or [])]):
+            callbacks = [*callbacks, LoggingStepProgressBar()]  # its figures read at logging steps only
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:

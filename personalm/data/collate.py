@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from personalm.data.encoding import IGNORE_INDEX
-from personalm.data.packing import pack_examples, pack_pairs
+from personalm.data.packing import pack_examples, pack_pairs, padded_targets
 
 
 def _require(rows: Sequence[dict], keys: Sequence[str], what: str) -> None:
@@ -39,7 +39,9 @@ def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     labels = _pad([[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompts, responses)], IGNORE_INDEX)
     lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
     attention_mask = (torch.arange(input_ids.size(1))[None, :] < lengths[:, None]).long()
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    # what each sequence scores, found here on the host (on a GPU, ``nonzero`` would wait for it), and the tokens
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "targets": padded_targets(labels, IGNORE_INDEX), "tokens": int(lengths.sum())}
 
 
 def _post_ids(rows: Sequence[dict]) -> list:

@@ -90,6 +90,12 @@ def pack(spans: Sequence[dict], pad_id: int, budget: Optional[int] = None) -> di
             "tokens": int(sum(lengths))}
 
 
+def target_counts(layout: dict) -> dict:
+    """``target_counts``: how many targets each output sequence has, counted here on the host (a ``bincount`` on a
+    GPU would wait for it)."""
+    return {**layout, "target_counts": torch.bincount(layout["target_sequence"], minlength=layout["sequences"])}
+
+
 def _response_targets(piece: int, n: int, prompt_len: int, sequence: int) -> list[tuple]:
     """Response tokens of ``piece`` (after a prompt piece 0): token 0 is predicted by the prompt's last
     token, token j by token j - 1 of the same piece. Without a prompt, token 0 has no predictor (as in a
@@ -116,7 +122,7 @@ def pack_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
                       "targets": _response_targets(1, len(c), len(p), k) + _response_targets(2, len(r), len(p), n + k)})
     out = pack(spans, pad_id, budget)
     out["sequences"] = 2 * n
-    return out
+    return target_counts(out)
 
 
 def pack_examples(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
@@ -129,7 +135,7 @@ def pack_examples(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
                       "targets": _response_targets(1, len(r), len(p), k)})
     out = pack(spans, pad_id, budget)
     out["sequences"] = len(prompts)
-    return out
+    return target_counts(out)
 
 
 def attention_mask_4d(group: torch.Tensor, branch: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -148,9 +154,9 @@ def attention_mask_4d(group: torch.Tensor, branch: torch.Tensor, dtype: Optional
 
 def padded_targets(labels: torch.Tensor, ignore_index: int) -> dict:
     """The same ``target_*`` description for a padded batch (labels [N, T]): token t of row b is predicted by
-    position t - 1 of that row; output sequence b is row b."""
+    position t - 1 of that row; output sequence b is row b. The collate functions make it on the host."""
     n, t = labels.shape
     shifted = labels[:, 1:]
     rows, cols = (shifted != ignore_index).nonzero(as_tuple=True)
-    return {"target_ids": shifted[rows, cols], "target_source": rows * t + cols, "target_sequence": rows,
-            "sequences": n}
+    return target_counts({"target_ids": shifted[rows, cols], "target_source": rows * t + cols,
+                          "target_sequence": rows, "sequences": n})

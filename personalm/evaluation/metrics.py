@@ -7,14 +7,15 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from personalm.data.batching import community_codes
 from personalm.data.compred import SPLIT_OF_PHASE
-from personalm.data.pairs import communities
 from personalm.paths import write_text
 
 # the figures logged for every pair, in this order (rows of the metric's state)
@@ -34,9 +35,14 @@ class PreferenceMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, communities: Sequence[str], with_logps: bool = True, **kwargs):
+    def __init__(self, communities: Sequence[str], with_logps: bool = True, row_groups: Optional[torch.Tensor] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.communities = list(communities)
+        # each row's community number (rows of the split), moved once to the batches' device: an update given the
+        # rows' indices finds their communities there, without a tensor made from host data at every step. Not a
+        # buffer: DDP would broadcast it at every forward.
+        self.row_groups = row_groups
         self.names = PAIR_METRICS if with_logps else tuple(n for n in PAIR_METRICS if not n.startswith("logps/"))
         self._index = {c: i for i, c in enumerate(self.communities)}
         self.add_state("rows", default=[], dist_reduce_fx="cat")  # row index in the split (-1: none given)
@@ -46,15 +52,20 @@ class PreferenceMetrics(Metric):
     def update(self, communities: Sequence[str], losses: torch.Tensor, chosen_rewards: torch.Tensor,
                rejected_rewards: torch.Tensor, chosen_logps: Optional[torch.Tensor] = None,
                rejected_logps: Optional[torch.Tensor] = None, indices: Optional[torch.Tensor] = None) -> None:
-        try:
-            groups = torch.tensor([self._index[c] for c in communities], dtype=torch.long, device=self.device)
-        except KeyError as err:
-            raise ValueError(f"community {err.args[0]!r} is not among this metric's {self.communities}") from err
+        if indices is not None and self.row_groups is not None:
+            if self.row_groups.device != indices.device:
+                self.row_groups = self.row_groups.to(indices.device)
+            groups = self.row_groups[indices].long()
+        else:
+            try:
+                groups = torch.tensor([self._index[c] for c in communities], dtype=torch.long, device=self.device)
+            except KeyError as err:
+                raise ValueError(f"community {err.args[0]!r} is not among this metric's {self.communities}") from err
         if chosen_logps is None or rejected_logps is None:
             chosen_logps = rejected_logps = torch.zeros_like(losses)
         values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
                               (chosen_rewards > rejected_rewards).to(losses.dtype), chosen_logps, rejected_logps], 1)
-        rows = torch.full_like(groups, -1) if indices is None else torch.as_tensor(indices).to(groups)
+        rows = torch.full_like(groups, -1) if indices is None else indices.to(groups)
         self.rows.append(rows)
         self.groups.append(groups)
         self.values.append(values.detach().to(torch.float64))
@@ -126,11 +137,12 @@ def add_phase_metrics(metrics: nn.ModuleDict, splits: dict, variants: Sequence[s
     for phase in ("train", "val", "test"):
         split = SPLIT_OF_PHASE[phase]
         if split in splits and f"{phase}_true" not in metrics:
-            names = communities(splits[split])
-            metrics[f"{phase}_true"] = PreferenceMetrics(names, with_logps)
+            names, codes = community_codes(splits[split])
+            rows = torch.from_numpy(codes.astype(np.int32))
+            metrics[f"{phase}_true"] = PreferenceMetrics(names, with_logps, rows)
             if phase != "train" and "none_prompt_ids" in splits[split].column_names:
                 for variant in variants:
-                    metrics[f"{phase}_{variant}"] = PreferenceMetrics(names, with_logps)
+                    metrics[f"{phase}_{variant}"] = PreferenceMetrics(names, with_logps, rows)
 
 
 def log_phase_metrics(module, phase: str, skip_overall: bool = False) -> dict:

@@ -20,7 +20,7 @@ from personalm.models import (
     load_tokenizer,
     upcast_trainable,
 )
-from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond
+from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
 from personalm.training.generation import GenerationSettings, VLLMSettings
 from personalm.training.logprobs import runs_packed_rows
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
@@ -221,14 +221,38 @@ class CausalLMModule(L.LightningModule):
 
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        # fused: one kernel per step, and it skips a non-finite step on the device (``NonFiniteGuard``)
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         total = planned_steps(self.trainer)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        return [TokensPerSecond(), NonFiniteGuard()]
+        self.guard = NonFiniteGuard()
+        return [TokensPerSecond(), self.guard]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip (by norm, or by value as Lightning does), keep the gradient norm that clipping computed (logged
+        as ``train/grad_norm``) and hand it to the guard, which skips a non-finite update on the device."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        else:
+            if gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params else None
+        if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm of them all
+            norm = norm.full_tensor()
+        self._grad_norm = norm  # logged at the next logging step (``on_train_batch_end``)
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.before_update(self.trainer, self, optimizer, norm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        norm = getattr(self, "_grad_norm", None)
+        if norm is not None and logging_step(self.trainer):
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)  # before clipping
 
     # -- checkpoints ----------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Checkpoints that make a kill cheap, and resuming into the run that was killed.
 
 ``Checkpoints`` writes ``step=<N>.ckpt`` every ``every_n_steps`` optimizer steps and every ``every_minutes``
-minutes (whichever comes first), at the end of training, and on SIGTERM or SIGUSR1 (pre-emption, SLURM's
+minutes (whichever comes first; the clock is read at logging steps, so with ``log_every_n_steps`` 10 a time
+checkpoint comes at most 10 steps late), at the end of training, and on SIGTERM or SIGUSR1 (pre-emption, SLURM's
 warning) before the process exits; ``last.ckpt`` is a link to the newest, and the newest ``keep`` are kept.
 The best by validation (``monitor``, default ``val/loss``) is kept as ``best-step=<N>.ckpt``. Every
 checkpoint is written under a temporary name and renamed into place, so a kill never leaves half a file
@@ -27,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from personalm.paths import replace_dir, write_atomically
+from personalm.training.callbacks import logging_step
 
 LAST = "last.ckpt"
 
@@ -81,15 +83,19 @@ class Checkpoints(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.monotonic()
         self._saved_step = trainer.global_step  # a resumed run starts at a checkpoint it does not rewrite
+        self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._saved_step or not self._may_save(trainer):
-            return  # no optimizer step since (gradient accumulation), or nothing to save in this phase
+        stepped, self._seen_step = step != self._seen_step, step
+        if not stepped or step == self._saved_step or not self._may_save(trainer):
+            return  # inside a gradient accumulation, or nothing to save in this phase
         due = self._pending or (bool(self.every_n_steps) and step % self.every_n_steps == 0)
-        if self.every_minutes:  # the first process's clock decides for all
+        if self.every_minutes and not due and logging_step(trainer):
+            # the clock is read at logging steps only: the first process's decides for all (an object broadcast,
+            # which waits for every process), so the steps between logging steps wait for nothing
             late = time.monotonic() - self._since >= 60 * self.every_minutes
-            due = due or trainer.strategy.broadcast(late)
+            due = trainer.strategy.broadcast(late)
         if due and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # a checkpoint on an epoch's last batch resumes into the next epoch with the loader's position of
             # this one (and skips it): take it one step later, in the next epoch

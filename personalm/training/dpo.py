@@ -134,8 +134,8 @@ class DPOModule(GroupRobustHooks, PhaseMetricsHooks, Generates, CausalLMModule):
     def training_step(self, batch, batch_idx):
         out = self._step(batch, "train")
         n = len(out.losses)
-        self.log("train/loss", out.losses.mean(), prog_bar=True, batch_size=n)  # the mean preference loss (ln 2
-        loss = self.preference_objective(out.losses, batch["community"])  # at the start); group-robust: weighted
+        self.log("train/loss", out.losses.mean(), batch_size=n)  # the mean preference loss (ln 2
+        loss = self.preference_objective(out.losses, batch)  # at the start); group-robust: weighted
         if self.hparams.sft_weight:  # RPO-style: + weight * NLL (per token) of the chosen response
             nll = -out.chosen_mean_logps.mean()
             self.log("train/nll_chosen", nll, batch_size=n)

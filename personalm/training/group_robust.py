@@ -39,7 +39,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from personalm.data.batching import community_probabilities
+from personalm.data.batching import community_codes, community_probabilities
 
 STATE = "personalm_group_robust"  # in a checkpoint: alpha and the step's partial sums
 RECORD = "personalm_group_robust.json"  # beside an export: the settings and alpha at the end
@@ -105,21 +105,29 @@ class GroupWeights:
         self.alpha = start_weights(self.counts, settings.start)
         self.loss_sums = torch.zeros_like(self.counts)  # this optimizer step's, on this process
         self.pairs = torch.zeros((), dtype=torch.float64, device=device)
+        self.row_groups: Optional[torch.Tensor] = None  # each training row's community number (set by the hooks)
 
     def to(self, device: torch.device) -> None:
         self.counts, self.drawn, self.alpha, self.loss_sums, self.pairs = (
             t.to(device) for t in (self.counts, self.drawn, self.alpha, self.loss_sums, self.pairs))
+        if self.row_groups is not None:
+            self.row_groups = self.row_groups.to(device)
 
-    def objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
-        """The weighted mean of a micro-batch's per-pair losses (what it backpropagates); its losses are added to
-        the step's sums for the update."""
+    def objective(self, losses: torch.Tensor, groups) -> torch.Tensor:
+        """The weighted mean of a micro-batch's per-pair losses (what it backpropagates); ``groups``: their community
+        numbers on the losses' device, or the communities' names. The losses are added to the step's sums."""
         if self.alpha.device != losses.device:  # built in setup, before the model moved to its device
             self.to(losses.device)
-        groups = torch.tensor([self.index[c] for c in communities], device=losses.device)
+        if not isinstance(groups, torch.Tensor):
+            groups = self.groups(groups, losses.device)
         weights = pair_weights(self.alpha, self.drawn).to(losses.dtype)[groups]
         self.loss_sums.index_add_(0, groups, losses.detach().to(torch.float64))
-        self.pairs += len(communities)
+        self.pairs += len(groups)
         return (weights * losses).mean()
+
+    def groups(self, communities: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Community numbers of a batch built without row indices (a tensor made from host data)."""
+        return torch.tensor([self.index[c] for c in communities], device=device)
 
     def step(self, reduce=lambda t: t) -> None:
         """At an optimizer step: the step's per-community losses (summed over processes by ``reduce``) update
@@ -180,12 +188,20 @@ class GroupRobustHooks:
             tau = dm.hparams.get("community_tau")  # balanced draws: each community's share of them, not of the pairs
             drawn = None if tau is None else community_probabilities(np.asarray(counts), tau).tolist()
             self.group_weights = GroupWeights(settings, names, counts, self.device, drawn)
+            _, codes = community_codes(dm.splits["train_pref"])  # the same sorted names as community_counts
+            self.group_weights.row_groups = torch.from_numpy(codes.astype(np.int32))
 
-    def preference_objective(self, losses: torch.Tensor, communities: Sequence[str]) -> torch.Tensor:
-        """What a training step minimizes of its per-pair losses: their mean, or the group-robust weighted mean."""
-        if self.group_weights is None:
+    def preference_objective(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What a training step minimizes of its per-pair losses: their mean, or the group-robust weighted mean
+        (each pair's community looked up on the device from its row ``index``)."""
+        weights = self.group_weights
+        if weights is None:
             return losses.mean()
-        return self.group_weights.objective(losses, communities)
+        if "index" in batch and weights.row_groups is not None:
+            groups = weights.row_groups.to(losses.device)[batch["index"]].long()
+        else:
+            groups = weights.groups(batch["community"], losses.device)
+        return weights.objective(losses, groups)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.group_weights is not None:

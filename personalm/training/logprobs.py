@@ -158,13 +158,19 @@ def layout_logprobs(model: nn.Module, layout: dict, chunk: Optional[int]) -> Seq
     if "group" in layout:
         mask = attention_mask_4d(layout["group"], layout["branch"], MASKS[_base(model).config._attn_implementation])
         hidden = final_hidden_states(model, layout["input_ids"], mask, layout["position_ids"])
+    elif takes_4d_mask(model):  # the padded rows' own 4D mask: transformers then checks no 2D mask on the host
+        mask = layout["attention_mask"]
+        group = (mask.long() - 1)  # 0: a token, -1: padding (sees only earlier padding, so no row is all masked)
+        mask = attention_mask_4d(group, torch.zeros_like(group), MASKS[_base(model).config._attn_implementation])
+        hidden = final_hidden_states(model, layout["input_ids"], mask)
     else:
         hidden = final_hidden_states(model, layout["input_ids"], layout["attention_mask"])
     picked = hidden.reshape(-1, hidden.size(-1))[layout["target_source"]]
     logps = token_logps(_base(model).get_output_embeddings(), picked, layout["target_ids"], chunk)
     seq, n = layout["target_sequence"], layout["sequences"]
     total = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(0, seq, logps.float())
-    return SequenceLogprobs.of(total, torch.bincount(seq, minlength=n))
+    counts = layout.get("target_counts")  # counted on the host by the collate function
+    return SequenceLogprobs.of(total, torch.bincount(seq, minlength=n) if counts is None else counts)
 
 
 MESSAGES = WarningCache()  # each fallback said once
@@ -193,7 +199,8 @@ def sequence_logps(model: nn.Module, seqs: dict, chunk: Optional[int] = 1024) ->
             MESSAGES.info(f"[personalm] attention {_base(model).config._attn_implementation!r} or this model's "
                           "layers (sliding windows, linear attention, ALiBi) take no custom 4D mask: packed rows "
                           "are off")
-        out = layout_logprobs(model, {**seqs, **padded_targets(seqs["labels"], IGNORE_INDEX)}, chunk)
+        targets = seqs.get("targets") or padded_targets(seqs["labels"], IGNORE_INDEX)  # batches made by hand
+        out = layout_logprobs(model, {**seqs, **targets}, chunk)
     if not head_is_plain(model):  # found out on this first call: the model's own logits from now on
         return sequence_logps(model, seqs, chunk)
     return out

@@ -28,7 +28,8 @@ COLUMNS = len(PairLogps._fields)  # a row's reference log-probs: chosen/rejected
 
 
 class PrecomputedReference:
-    """``tables[split][variant]``: the reference's ``PairLogps`` of every row of the split (CPU tensors)."""
+    """``tables[split][variant]``: the reference's ``PairLogps`` of every row of the split (CPU tensors, moved to the
+    batches' device on first lookup)."""
 
     def __init__(self, folder: Optional[str] = None):
         self.folder = Path(folder).expanduser() if folder else cache_root() / "reference_logps"
@@ -39,8 +40,9 @@ class PrecomputedReference:
         table = self.tables.get(split, {}).get(variant)
         if table is None:
             return None
-        rows = index.cpu()
-        return PairLogps(*(column[rows].to(device) for column in table))
+        if table[0].device != index.device:  # moved once (a few floats per pair): no copy, no sync per step
+            table = self.tables[split][variant] = PairLogps(*(column.to(index.device) for column in table))
+        return PairLogps(*(column[index].to(device) for column in table))
 
     def prepare(self, module, phases, variants) -> None:
         """Every phase's split scored by ``module.reference`` once (or read from its cache), then the reference

@@ -68,8 +68,8 @@ class RewardModule(GroupRobustHooks, PhaseMetricsHooks, CausalLMModule):
 
     def training_step(self, batch, batch_idx):
         losses = self._step(batch, "train")
-        self.log("train/loss", losses.mean(), prog_bar=True, batch_size=len(batch["community"]))
-        loss = self.preference_objective(losses, batch["community"])
+        self.log("train/loss", losses.mean(), batch_size=len(batch["community"]))
+        loss = self.preference_objective(losses, batch)
         if self.group_weights is not None:
             self.log("train/objective", loss, batch_size=len(batch["community"]))
         return loss

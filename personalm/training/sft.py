@@ -26,7 +26,7 @@ class SFTModule(Generates, CausalLMModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model_step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.log("train/loss", loss, batch_size=batch["input_ids"].size(0))
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -18,16 +18,32 @@ def _steps(folder: Path) -> list[int]:
 
 
 def test_time_checkpoints_are_pruned_and_last_follows_the_newest(small_compred, tmp_path):
-    """every_minutes so short that every step is due, no step interval, keep 3: steps 3, 4, 5 remain (1 and
-    2 pruned), ``last.ckpt`` links to step 5; no temporary file is left."""
+    """every_minutes so short that every step is due, no step interval, keep 3, logging every step (the clock is
+    read at logging steps): steps 3, 4, 5 remain (1 and 2 pruned), ``last.ckpt`` links to step 5; no temporary
+    file is left."""
     cli = main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}", "--trainer.max_steps=5",
-                "--trainer.limit_val_batches=0", "--checkpoints.every_n_steps=null",
+                "--trainer.limit_val_batches=0", "--checkpoints.every_n_steps=null", "--trainer.log_every_n_steps=1",
                 "--checkpoints.every_minutes=1e-6", "--checkpoints.keep=3", "--model.init_args.export_dir="])
     folder = Path(cli.trainer.log_dir) / "checkpoints"
     assert _steps(folder) == [3, 4, 5]
     assert os.readlink(folder / LAST) == "step=5.ckpt"
     assert sorted(p.name for p in folder.iterdir()) == [LAST, "step=3.ckpt", "step=4.ckpt", "step=5.ckpt"]
     assert torch.load(folder / LAST, weights_only=True, map_location="cpu")["global_step"] == 5
+
+
+def test_the_clock_is_read_at_logging_steps_and_never_inside_an_accumulation(small_compred, tmp_path):
+    """Every step due by time, logging every 2 steps, 2 micro-batches per step: checkpoints at steps 2 and 4 (the
+    logging steps) and 5 (the end), each after a whole step, so each resumes exactly."""
+    cli = main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}", "--trainer.max_steps=5",
+                "--trainer.limit_val_batches=0", "--checkpoints.every_n_steps=null", "--trainer.log_every_n_steps=2",
+                "--trainer.accumulate_grad_batches=2", "--checkpoints.every_minutes=1e-6", "--checkpoints.keep=5",
+                "--model.init_args.export_dir="])
+    folder = Path(cli.trainer.log_dir) / "checkpoints"
+    assert _steps(folder) == [2, 4, 5]
+    for step in (2, 4):
+        loops = torch.load(folder / f"step={step}.ckpt", weights_only=False, map_location="cpu")["loops"]
+        done = loops["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        assert done == 2 * step, (step, done)  # both micro-batches of each step, none of the next
 
 
 def test_ckpt_path_last_goes_on_in_the_run_it_finds(small_compred, tmp_path, capsys):
