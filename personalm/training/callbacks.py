@@ -82,8 +82,9 @@ class NonFiniteGuard(Callback):
     moments and the step count unchanged). The flags are read on the host only at logging steps, before a
     checkpoint is written and at the end of training; if a step was skipped, training stops there with an error
     naming the step, the batch and the post ids of the step's batches; nothing is exported and no checkpoint is
-    written after it (those before it stay). Under fp16 (``16-mixed``) the GradScaler skips overflowing steps
-    itself; a non-finite loss still stops training.
+    written after it (those before it stay). Under fp16 (``16-mixed``) the GradScaler skips a step with non-finite
+    gradients itself (overflows are normal there); a non-finite loss still stops training. An optimizer that cannot
+    skip on the device (not fused) has its flags read at every step instead.
     """
 
     def __init__(self):
@@ -118,7 +119,7 @@ class NonFiniteGuard(Callback):
         self._steps.append(_Step(trainer.global_step, trainer.current_epoch, self._batches, self._posts,
                                  loss_flags.to(device), grad_flag, bad))
         self._batches, self._posts, self._loss_flags = [], [], []
-        if not self.skip_on_device or fp16:  # an optimizer that cannot skip on the device: decide here
+        if not self.skip_on_device and not fp16:  # an optimizer that cannot skip on the device: decide here
             self.check()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from personalm.cli import main
 from personalm.training.callbacks import NonFiniteError
@@ -30,6 +31,44 @@ def test_non_finite_step_stops_training_names_step_and_posts_and_exports_nothing
     assert [c.name for c in ckpts] == ["best-step=2.ckpt"], ckpts  # the last good checkpoint stays
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+SNAPSHOTS: list[dict] = []
+
+
+class Snapshot(Callback):
+    """The trainable weights and AdamW's step count after each optimizer step (global step -> tensors)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        steps = [float(s["step"]) for s in opt.state.values()]
+        SNAPSHOTS.append({"step": trainer.global_step, "adam_steps": steps,
+                          "weights": [p.detach().clone() for p in module.parameters() if p.requires_grad]})
+
+
+@pytest.mark.parametrize("nan_in", ["loss", "gradient"])
+def test_the_bad_update_is_skipped_on_the_device_and_training_stops_at_the_next_check(nan_in, small_compred,
+                                                                                     tmp_path):
+    """The second of 3 optimizer steps (global step 1) non-finite, logging every 100 steps, no checkpoint: its update
+    is skipped on the device (weights and AdamW's step counts as after the first step, bit for bit), the third step
+    trains, and the check at the end of training stops it there, naming step 1, with nothing exported."""
+    SNAPSHOTS.clear()
+    with pytest.raises(NonFiniteError) as err:
+        main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
+              "--model.class_path=tests.helpers.NaNAtStep", f"--model.init_args.nan_in={nan_in}",
+              "--model.init_args.nan_at_step=1", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+              "--trainer.log_every_n_steps=100", "--checkpoints.every_n_steps=null", "--checkpoints.every_minutes=null",
+              "--data.batch_size=4",
+              '--trainer.callbacks+={"class_path": "tests.training.test_base.Snapshot"}'])
+    message = str(err.value)
+    assert f"non-finite {nan_in} on this process at step 1" in message and "1 later steps ran" in message, message
+    first, bad, after = SNAPSHOTS
+    assert (first["step"], bad["step"], after["step"]) == (1, 2, 3)
+    assert bad["adam_steps"] == first["adam_steps"] and after["adam_steps"] == [2.0] * len(first["adam_steps"])
+    assert all(torch.equal(a, b) for a, b in zip(first["weights"], bad["weights"]))
+    assert not all(torch.equal(a, b) for a, b in zip(bad["weights"], after["weights"]))  # step 3 trained
+    assert all(torch.isfinite(w).all() for w in after["weights"])
+    assert not list(tmp_path.rglob("hf_model")) and not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_guard_costs_no_step_when_all_is_finite(small_compred, tmp_path):
