@@ -21,7 +21,7 @@ from torch import nn
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
 from personalm.paths import is_embedded
 from personalm.training.logprobs import SequenceLogprobs, sequence_logps
-from personalm.training.sharding import data_parallel_mesh, shard
+from personalm.training.sharding import data_parallel_mesh, reshard, shard
 
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
 
@@ -53,6 +53,13 @@ def rng_untouched(device: torch.device):
     """Whatever runs inside leaves the global RNG as it found it (data order, dropout), so a run gives the
     same result with the reference loaded early, late, or precomputed."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def frozen_logprobs(model: nn.Module, seqs: dict, chunk) -> SequenceLogprobs:
+    """Sequence log-probs of a frozen model; under FSDP2 its root's weights are sharded again afterwards."""
+    out = sequence_logps(model, seqs, chunk)
+    reshard(model)
+    return out
 
 
 class Reference:
@@ -153,7 +160,7 @@ class Reference:
     def logprobs(self, seqs: dict) -> SequenceLogprobs:
         chunk = self.module.hparams.logprob_chunk
         if not self.adapters_off:
-            return sequence_logps(self.model, seqs, chunk)
+            return frozen_logprobs(self.model, seqs, chunk)
         policy = self.module.model
         was_training = policy.training
         policy.eval()

@@ -77,6 +77,15 @@ def shard(model: nn.Module, mesh, bf16_compute: bool) -> nn.Module:
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Shard a model's root parameters again (embeddings, final norm, head). FSDP2 keeps them gathered after the
+    root's forward for the backward that follows; a frozen model (DPO's reference) has no backward, so after it
+    was scored (the head is applied after the forward, chunk by chunk) this frees them, or they would stay whole
+    on every process for the whole run."""
+    if hasattr(model, "reshard"):  # an FSDPModule
+        model.reshard()
+
+
 def initialize(model: nn.Module) -> None:
     """Run FSDP2's lazy initialisation now, with every parameter in play.
 

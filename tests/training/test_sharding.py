@@ -180,3 +180,53 @@ def test_fsdp2_reward_model_with_lora_exports_a_reward_model(small_compred, tmp_
                  '--model.init_args.lora={"r": 8, "alpha": 16}', "--model.init_args.lr=1e-3")
     judge = RewardJudge(str(run / "hf_model"), max_length=128, device="cpu")  # refuses a model without a scalar head
     assert judge.model.config.num_labels == 1
+
+
+def _reference_reshards(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from personalm.data.collate import collate_preference
+    from personalm.training.logprobs import sequence_logps
+    from personalm.training.reference import frozen_logprobs
+    from personalm.training.sharding import shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = shard(load_causal_lm("embedded:tiny-llama").eval().requires_grad_(False), init_device_mesh("cpu", (2,)),
+                      bf16_compute=False)
+        rows = [{"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2], "community": "c",
+                 "index": 0}]
+        batch = collate_preference(rows, pad_id=0, prefix_sharing=True)
+        whole = lambda: sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))  # noqa: E731
+        with torch.no_grad():
+            plain = sequence_logps(model, batch).sum
+            found = {"plain": whole()}
+            frozen = frozen_logprobs(model, batch, 1024).sum
+            found["reference"] = whole()
+        found["same"] = bool(torch.equal(plain, frozen))
+        if rank == 0:
+            Path(out).write_text(json.dumps(found))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_frozen_reference_is_sharded_again_after_it_scored_root_included(tmp_path):
+    """2 gloo processes: after DPO's reference scored a batch (the head applied after the forward), every
+    parameter is a shard again, the root's embeddings, norm and head too, and the log-probs are the same; FSDP2
+    alone keeps the root's gathered after a forward (what a trained model's backward needs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "whole.json"
+    mp.spawn(_reference_reshards, args=(port, str(out)), nprocs=2)
+    found = json.loads(out.read_text())
+    assert found["reference"] == [] and found["same"], found
+    assert "model.embed_tokens.weight" in found["plain"], found  # the check can tell
