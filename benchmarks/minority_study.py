@@ -1,7 +1,7 @@
 """The hard subset's evidence: the study on ``embedded:compred-minority`` over several seeds, plain DPO with context
 and each remedy side by side, summarized with 95% intervals.
 
-    python benchmarks/minority_study.py --root /tmp/minority                 # 3 seeds, ~35 min on 2 CPU cores
+    python benchmarks/minority_study.py --root /tmp/minority                 # 3 seeds, ~70 min on 2 CPU cores
     python benchmarks/minority_study.py --root /tmp/minority --seeds 0       # one seed
 
 Each seed is one run of ``python -m personalm.study --config configs/study/minority.yaml`` (its ``dpo_variants``:
@@ -70,12 +70,12 @@ def summarize(reports: dict[int, dict]) -> str:
         for key in (SMALL, "macro"):
             values = [by[s][name]["accuracy"][key][0] for s in seeds]
             mean, low, high = interval(values)
-            cell = f"{pct(mean)} ({pct(low)}-{pct(high)})"
+            cell = f"{pct(mean)} ({pct(low)} to {pct(high)})"
             if key == SMALL:
                 n = sum(by[s][name]["accuracy"][key][1] for s in seeds)
                 k = sum(by[s][name]["accuracy"][key][0] * by[s][name]["accuracy"][key][1] for s in seeds)
                 pooled = wilson_interval(k / n, n)
-                cell += f" [pooled {pct(pooled[0])}-{pct(pooled[1])}]"
+                cell += f" [pooled {pct(pooled[0])} to {pct(pooled[1])}]"
             cells.append(cell + "; seeds " + ", ".join(pct(v) for v in values))
             diffs = [by[s][name]["accuracy"][key][0] - by[s]["context"]["accuracy"][key][0] for s in seeds]
             mean, low, high = interval(diffs)
@@ -83,7 +83,7 @@ def summarize(reports: dict[int, dict]) -> str:
         worst = interval([by[s][name]["accuracy"]["worst"][0] for s in seeds])
         rates = interval([by[s][name]["win_rates"]["all"][0] for s in seeds])
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {pct(worst[0])} | "
-                     f"{rates[0]:.3f} ({rates[1]:.3f}-{rates[2]:.3f}) |")
+                     f"{rates[0]:.3f} ({rates[1]:.3f} to {rates[2]:.3f}) |")
     lines += ["", "Per community, mean over seeds (%):", "",
               "| community | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for community in by[seeds[0]]["context"]["accuracy"]:
