@@ -221,8 +221,10 @@ class CausalLMModule(L.LightningModule):
 
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        # fused: one kernel per step, and it skips a non-finite step on the device (``NonFiniteGuard``)
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
+        # fused: one kernel per step, and it skips a non-finite step on the device (``NonFiniteGuard``); not under
+        # fp16, where Lightning would leave the gradients scaled for it and clipping would see them so
+        fused = str(self.trainer.precision) != "16-mixed"
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         total = planned_steps(self.trainer)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
@@ -235,15 +237,22 @@ class CausalLMModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip (by norm, or by value as Lightning does), keep the gradient norm that clipping computed (logged
         as ``train/grad_norm``) and hand it to the guard, which skips a non-finite update on the device."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
-        else:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):  # they clip their own shards
             if gradient_clip_val:
                 self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params else None
-        if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm of them all
-            norm = norm.full_tensor()
+            norm = None  # the guard checks this process's gradients itself
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+                norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+            else:  # the norm before clipping by value (which would hide an infinite gradient)
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params else None
+                if gradient_clip_val:
+                    self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm of them all
+                norm = norm.full_tensor()
         self._grad_norm = norm  # logged at the next logging step (``on_train_batch_end``)
         guard = getattr(self, "guard", None)
         if guard is not None:

@@ -16,9 +16,10 @@ class NonFiniteError(RuntimeError):
 
 
 def logging_step(trainer) -> bool:
-    """This batch's figures are written to the loggers (Lightning's rule: every ``log_every_n_steps`` optimizer
-    steps, and when it stops): the one point of a training step where reading a tensor on the host is allowed."""
-    return trainer._logger_connector.should_update_logs
+    """This batch ended an optimizer step whose figures are written to the loggers (Lightning's rule: every
+    ``log_every_n_steps`` optimizer steps, and when it stops; with gradient accumulation, its last micro-batch
+    only): the one point of a training step where reading a tensor on the host is allowed."""
+    return trainer._logger_connector.should_update_logs and not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,6 +42,9 @@ class TokensPerSecond(Callback):
     previous logging step over the time between the two, the device synchronized at both ends (so it measures the
     kernels, not their launches; between logging steps nothing waits for the device)."""
 
+    def __init__(self):
+        self._start, self._tokens = None, 0.0
+
     def on_train_start(self, trainer, module) -> None:
         self._start, self._tokens = None, 0.0
 
@@ -48,6 +52,11 @@ class TokensPerSecond(Callback):
         if self._start is None:
             synchronize(module.device)
             self._start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.state.fn == "fit" and self._start is not None:  # validation's time is not training's
+            synchronize(module.device)
+            self._start, self._tokens = time.perf_counter(), 0.0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._tokens += batch_tokens(batch, getattr(module, "packs", False))
@@ -102,18 +111,27 @@ class NonFiniteGuard(Callback):
         self._loss_flags.append(~torch.isfinite(loss.detach()).all())
 
     def before_update(self, trainer, module, optimizer, grad_norm: Optional[torch.Tensor]) -> None:
-        """The step's flag, summed over processes, and the update skipped on the device where it is set."""
+        """The step's flag, summed over processes, and the update skipped on the device where it is set.
+        ``grad_norm``: the norm of all gradients (None: this process's gradients are checked here)."""
         device = module.device
         loss_flags = torch.stack(self._loss_flags) if self._loss_flags else torch.zeros(1, dtype=torch.bool)
         fp16 = str(trainer.precision) == "16-mixed"  # the GradScaler checks (and skips) gradients itself
-        grad_flag = torch.zeros((), dtype=torch.bool, device=device) if fp16 or grad_norm is None else \
-            ~torch.isfinite(grad_norm.to(device))
+        if fp16:
+            grad_flag = torch.zeros((), dtype=torch.bool, device=device)
+        elif grad_norm is not None:
+            grad_flag = ~torch.isfinite(grad_norm.to(device))
+        else:  # FSDP1, DeepSpeed: this process's gradients (sharded ones as they are)
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            grad_flag = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).to(device) if grads else \
+                torch.zeros((), dtype=torch.bool, device=device)
         flags = torch.stack([loss_flags.any().to(device), grad_flag]).float()
         total = trainer.strategy.reduce(flags.clone(), reduce_op="sum")  # DDP reduces in place
         bad = total.sum() > 0
         if not fp16:
-            if self.skip_on_device is None:
-                self.skip_on_device = bool(optimizer.defaults.get("fused"))
+            if self.skip_on_device is None:  # a plain fused torch optimizer reads found_inf (DeepSpeed's does not)
+                self.skip_on_device = isinstance(optimizer, torch.optim.Optimizer) and \
+                    bool(getattr(optimizer, "defaults", {}).get("fused"))
             if self.skip_on_device:
                 optimizer.found_inf = bad.float()
         self._steps.append(_Step(trainer.global_step, trainer.current_epoch, self._batches, self._posts,

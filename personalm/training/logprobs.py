@@ -162,7 +162,8 @@ def layout_logprobs(model: nn.Module, layout: dict, chunk: Optional[int]) -> Seq
         mask = layout["attention_mask"]
         group = (mask.long() - 1)  # 0: a token, -1: padding (sees only earlier padding, so no row is all masked)
         mask = attention_mask_4d(group, torch.zeros_like(group), MASKS[_base(model).config._attn_implementation])
-        hidden = final_hidden_states(model, layout["input_ids"], mask)
+        positions = torch.arange(group.size(1), device=group.device).expand_as(group)  # right-padded: 0, 1, ...
+        hidden = final_hidden_states(model, layout["input_ids"], mask, positions)
     else:
         hidden = final_hidden_states(model, layout["input_ids"], layout["attention_mask"])
     picked = hidden.reshape(-1, hidden.size(-1))[layout["target_source"]]
