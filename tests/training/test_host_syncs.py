@@ -9,6 +9,7 @@ called: ``HostSyncs`` records them (a ``TorchDispatchMode`` for the aten ops, wr
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ SYNCING = {aten.lift_fresh.default,  # torch.tensor(host data): a copy to the de
            aten.unique_dim.default}
 
 
-LOADING = ("torch/utils/data/", "personalm/data/")  # the next batch made on the host (the DataLoader's collate)
+REPO = str(Path(__file__).resolve().parents[2]) + "/"
+LOADING = ("torch/utils/data/", "torchdata/")  # the DataLoader making the next batch on the host (its collate)
 SKIP = ("torch/utils/_python_dispatch", "torch/_dynamo/", "torch/_compile", "test_host_syncs")
 
 
@@ -35,7 +37,7 @@ def _where() -> str | None:
     if any(part in f.filename for f in stack for part in LOADING):
         return None
     frames = [f for f in stack if not any(part in f.filename for part in SKIP)]
-    return " <- ".join(f"{f.filename.rsplit('site-packages/', 1)[-1].split('/wt19/')[-1]}:{f.lineno}"
+    return " <- ".join(f"{f.filename.rsplit('site-packages/', 1)[-1].replace(REPO, '')}:{f.lineno}"
                        for f in frames[-4:][::-1])
 
 
