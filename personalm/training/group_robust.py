@@ -160,15 +160,6 @@ class GroupWeights:
                            "alpha": dict(zip(self.communities, self.alpha.tolist()))}, indent=2)
 
 
-def community_counts(ds) -> tuple[list[str], list[int]]:
-    """The communities of a prepared split (sorted) and their pairs, counted in Arrow (no Python list of rows)."""
-    import pyarrow.compute as pc
-
-    counts = pc.value_counts(ds.select_columns(["community"]).with_format("arrow")[:].column("community"))
-    found = sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
-    return [c for c, _ in found], [n for _, n in found]
-
-
 class GroupRobustHooks:
     """Mixed into a LightningModule with a ``group_robust`` setting (DPO, the reward model): the weights built for
     the training split, the weighted objective, the update at each optimizer step, checkpoints and the record."""
@@ -185,11 +176,11 @@ class GroupRobustHooks:
         settings = self.group_robust_settings
         dm = self.trainer.datamodule if self._trainer is not None else None
         if stage == "fit" and settings is not None and self.group_weights is None:
-            names, counts = community_counts(dm.splits["train_pref"])
+            names, codes = community_codes(dm.splits["train_pref"])  # sorted names, each row's number into them
+            counts = np.bincount(codes, minlength=len(names))
             tau = dm.hparams.get("community_tau")  # balanced draws: each community's share of them, not of the pairs
-            drawn = None if tau is None else community_probabilities(np.asarray(counts), tau).tolist()
-            self.group_weights = GroupWeights(settings, names, counts, self.device, drawn)
-            _, codes = community_codes(dm.splits["train_pref"])  # the same sorted names as community_counts
+            drawn = None if tau is None else community_probabilities(counts, tau).tolist()
+            self.group_weights = GroupWeights(settings, names, counts.tolist(), self.device, drawn)
             self.group_weights.row_groups = torch.from_numpy(codes.astype(np.int32))
 
     def preference_objective(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
