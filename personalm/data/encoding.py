@@ -6,12 +6,18 @@ as ``</s>`` in a Reddit post never parsed into a control token). Tokenizing the 
 not do: a SentencePiece tokenizer (Llama, Mistral) gives every piece its own leading ``▁``, so the model
 would be trained on ids that no other tool serving it (vLLM, a pipeline) produces.
 
+The same holds at the response: Mistral's ``tokenizer(prompt + "Build an")`` ends ``'<0x0A>', 'Build', '▁an'``,
+while ``"Build an"`` alone is ``'▁Build', '▁an'``. So a response is tokenized after the template's assistant
+marker (``"\\n<|assistant|>\\n" + response``) and the marker's own ids dropped: prompt ids + response ids are the
+tokenizer's ids of prompt + response text, and every prompt variant of a row shares one set of response ids.
+
 Lengths are token counts (the original counted characters):
 
 - the prompt keeps up to ``prompt_budget(max_length, max_prompt_length)`` tokens: markers, community and
   title always whole, the post body shortened from its end on a token boundary taken from the
   tokenizer's offsets, then the shortened text tokenized again (and shortened again if that overshoots);
-- each response is tokenized on its own, then EOS, and its tail is cut to fit ``max_length``;
+- each response's ids are those it has in the whole text, prompt then response, then EOS, and its tail
+  is cut to fit ``max_length`` (``response_ids``);
 - a row is dropped only when markers, community and title alone leave no room.
 
 Rows scored under several community strings (the "no community" / "random community" evaluation
@@ -188,6 +194,25 @@ def fit_prompts(plain: PlainTokenizer, heads: Sequence[str], posts: Sequence[str
     return result
 
 
+def response_ids(plain: PlainTokenizer, texts: Sequence[str], marker: str) -> list[list[int]]:
+    """The ids each response has after the prompt, then EOS: ``marker + response`` tokenized (the template's
+    assistant marker, which ends every prompt), the marker's own ids dropped.
+
+    With the tokenizers in use (Mistral's SentencePiece: "\\n" is byte-fallback and merges with nothing; the
+    embedded byte-level BPE) nothing merges across the marker's last "\\n", so prompt ids + response ids are
+    the ids of the whole text. A tokenizer may merge it with whitespace that opens a response (a byte-level BPE
+    with a "ĊĊ" token and a response starting with newlines): the tail's ids then do not start with the
+    marker's, no split of them keeps the prompt's ids whole, and that response is tokenized on its own (its
+    ids still decode to its text).
+    """
+    marker_ids = plain.ids([marker])[0]
+    n = len(marker_ids)
+    tails = plain.ids([marker + t for t in texts])
+    merged = [i for i, ids in enumerate(tails) if ids[:n] != marker_ids]
+    alone = dict(zip(merged, plain.ids([texts[i] for i in merged])))
+    return [alone.get(i, ids[n:]) + [plain.eos] for i, ids in enumerate(tails)]
+
+
 def encode_batch(tokenizer, communities: Sequence[str], titles: Sequence[str], posts: Sequence[str],
                  responses: Sequence[Sequence[str]] = (), max_length: int = 1024,
                  max_prompt_length: Optional[int] = None,
@@ -212,7 +237,7 @@ def encode_batch(tokenizer, communities: Sequence[str], titles: Sequence[str], p
     fitted = fit_prompts(plain, heads[0], posts, tail, budget)  # as in training and generation
     kept = [f[1] if f is not None else 0 for f in fitted]
     others = [plain.ids([h[i] + posts[i][:kept[i]] + tail for i in range(len(titles))]) for h in heads[1:]]
-    resp_ids = [[ids + [plain.eos] for ids in plain.ids(texts)] for texts in responses]
+    resp_ids = [response_ids(plain, texts, tail) for texts in responses]
     out = []
     for i, f in enumerate(fitted):
         prompts = [f[0]] + [plain.bos + o[i] for o in others] if f is not None else []

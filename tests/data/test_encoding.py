@@ -25,8 +25,12 @@ def text_ids(tok, text: str) -> list[int]:
     return tok(text, split_special_tokens=True)["input_ids"]
 
 
-def response_ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+def response_ids(tok, text: str, prompt: str = HEAD + TITLE + "\n" + POST + TAIL) -> list[int]:
+    """The response's ids in the whole text (the tokenizer's ids of prompt + response, the prompt's taken
+    off), then EOS: what the model sees after the prompt."""
+    prompt_ids, whole = text_ids(tok, prompt), text_ids(tok, prompt + text)
+    assert whole[:len(prompt_ids)] == prompt_ids
+    return whole[len(prompt_ids):] + [tok.eos_token_id]
 
 
 def check_prompt(tok, e, community: str, title: str, post: str, budget: int) -> None:
@@ -200,3 +204,87 @@ def test_variants_share_the_post_text_and_the_responses(tok):
                 assert ids == text_ids(tok, format_prompt(community, TITLE, posts[i][:e.post_chars]))
             longest = max(len(ids) for ids in [e.prompt_ids, *e.variant_prompt_ids])
             assert e.response_ids == [response_ids(tok, r)[:max_length - longest] for r in (chosen[i], REJECTED)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The response as in the text: prompt ids + response ids are the tokenizer's ids of prompt + response
+
+
+def demo_pairs() -> list[dict]:
+    """Every preference row of the demo data (``embedded:compred``: both subsets, all three splits)."""
+    from personalm.data.pairs import to_pairs
+    from personalm.data.sources import load_split
+    from personalm.data.synthetic import dataset_dir
+
+    root = str(dataset_dir("embedded:compred"))
+    return [row for subset in ("finance", "history") for split in ("train_pref", "validation_pref", "test_pref")
+            for row in to_pairs(load_split(root, subset, split)).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def demo_rows() -> list[dict]:
+    return demo_pairs()
+
+
+@pytest.mark.parametrize("max_length, max_prompt_length", [(128, None), (64, 46)])  # the demo's; responses cut
+def test_every_demo_row_is_tokenized_as_its_whole_text(tok, demo_rows, max_length, max_prompt_length):
+    """For every demo row and each of its prompts (the true community, "Reddit", another community): the
+    prompt's ids followed by a response's ids are the tokenizer's ids of prompt + response text, EOS aside;
+    a cut response's are a prefix of them. Mistral tokenizes a response on its own with a leading "▁" that
+    the whole text does not have."""
+    from personalm.data.prompt import random_other_community
+
+    rows = demo_rows
+    assert len(rows) > 7000
+    names = sorted({r["community"] for r in rows})
+    communities = ["r/" + r["community"] for r in rows]
+    variants = [["Reddit"] * len(rows),
+                ["r/" + random_other_community(r["community"], r["post_id"], names, 0) for r in rows]]
+    enc = encode_batch(tok, communities, [r["title"] for r in rows], [r["post"] for r in rows],
+                       [[r["chosen"] for r in rows], [r["rejected"] for r in rows]], max_length=max_length,
+                       max_prompt_length=max_prompt_length, variants=variants)
+    texts, checks = {}, []  # whole texts tokenized once, in one call
+    for i, (row, e) in enumerate(zip(rows, enc)):
+        assert not e.dropped
+        for community, prompt_ids in zip([communities[i], *(v[i] for v in variants)],
+                                         [e.prompt_ids, *e.variant_prompt_ids]):
+            prompt = format_prompt(community, row["title"], row["post"][:e.post_chars])
+            for text, ids in zip((row["chosen"], row["rejected"]), e.response_ids):
+                texts[prompt + text] = None
+                checks.append((prompt + text, prompt_ids, ids))
+    whole = dict(zip(texts, tok(list(texts), split_special_tokens=True)["input_ids"]))
+    cut = 0
+    for text, prompt_ids, ids in checks:
+        if ids[-1] == tok.eos_token_id:
+            assert prompt_ids + ids[:-1] == whole[text]
+        else:  # cut to fit max_length: a prefix
+            cut += 1
+            assert prompt_ids + ids == whole[text][:len(prompt_ids) + len(ids)]  # (all of it when only EOS went)
+    assert (cut > 0) == (max_length == 64)
+
+
+def merging_tokenizer():
+    """A byte-level BPE with "\\n\\n" as one token (as GPT-2 has): the marker's last "\\n" merges with
+    newlines that open a response."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["x\n\n\ny"] * 50 + [TITLE, POST, CHOSEN], trainer)  # "\n\n" the first merge
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+
+
+def test_a_response_merged_with_the_marker_is_tokenized_on_its_own():
+    tok = merging_tokenizer()
+    lead = "\n\n" + CHOSEN  # after the marker: "\n" + "\n\n..." -> "\n\n", "\n", ...
+    prompt = format_prompt("r/finance", TITLE, POST)
+    assert text_ids(tok, prompt + lead)[:len(text_ids(tok, prompt))] != text_ids(tok, prompt)  # the merge
+    e = encode(tok, "r/finance", TITLE, POST, [lead, CHOSEN])
+    check_prompt(tok, e, "r/finance", TITLE, POST, 512)
+    alone = tok(lead, add_special_tokens=False)["input_ids"]
+    assert e.response_ids[0] == alone + [tok.eos_token_id] and tok.decode(alone) == lead
+    assert e.response_ids[1] == response_ids(tok, CHOSEN, prompt)  # the other row as in its text

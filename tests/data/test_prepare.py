@@ -14,11 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from personalm.data import compred, encoding, pairs, prepare, synthetic
+from personalm.data import compred, encoding, pairs, prepare, sources, synthetic
 from personalm.data.datamodule import ComPreDDataModule
+from personalm.data.prompt import format_prompt
 from tests.helpers import CONFIGS, CPU, pref_rows, write_parquet
 
 SUBSETS = ["finance", "history"]
+MARKER = "\n<|assistant|>\n"  # the template's assistant marker: a response's ids are those after it
 
 
 def dm(path, cache, **kw):
@@ -101,8 +103,8 @@ def test_shards_of_different_arrow_types_prepare_alike_in_two_processes(tmp_path
     plain = encoding.plain_tokenizer(one.tokenizer)
     for row, src in zip(b, source):  # each row holds its own source row's responses (not a neighbour's)
         chosen, rejected = (src["human_ref_A"], src["human_ref_B"])[::1 if src["labels"] == 1 else -1]
-        assert row["chosen_ids"] == plain.ids([chosen])[0] + [plain.eos], src["post_id"]
-        assert row["rejected_ids"] == plain.ids([rejected])[0] + [plain.eos], src["post_id"]
+        assert row["chosen_ids"] == encoding.response_ids(plain, [chosen], MARKER)[0], src["post_id"]
+        assert row["rejected_ids"] == encoding.response_ids(plain, [rejected], MARKER)[0], src["post_id"]
     eos = one.tokenizer.eos_token_id
     assert sum(ids.count(eos) for ids in [*b["chosen_ids"], *b["rejected_ids"]]) == 2 * len(b)  # one EOS a response
     units = prepare.planning.plan_split(one.files("train_pref"), prepare.RowSpec.of("train_pref", one.hparams),
@@ -176,6 +178,24 @@ def test_the_key_follows_the_source_files_and_only_the_settings_of_that_split(tm
         folders["validation_pref"]
 
 
+def test_prepared_ids_are_the_ids_of_the_whole_text(small_compred, mistral_tokenizer, tmp_path):
+    """Through preparation, with Mistral's SentencePiece: each test pair's prompt ids (the true community's and
+    "Reddit"'s) followed by its response ids are the tokenizer's ids of prompt + response text, EOS aside."""
+    tok = mistral_tokenizer
+    d = dm(small_compred, tmp_path, tokenizer=tok.name_or_path, subset="finance", rows="preference",
+           conditioning_variants=True, max_length=1024, max_prompt_length=512)
+    d.setup("test")
+    source = pairs.to_pairs(sources.load_split(str(small_compred), "finance", "test_pref")).to_pylist()
+    rows = d.splits["test_pref"].to_list()
+    assert len(rows) == len(source) > 0  # nothing left out or shortened, in the source's order
+    for row, src in zip(rows, source):
+        for community, prompt_ids in (("r/" + src["community"], row["prompt_ids"]), ("Reddit", row["none_prompt_ids"])):
+            prompt = format_prompt(community, src["title"], src["post"])
+            for text, ids in ((src["chosen"], row["chosen_ids"]), (src["rejected"], row["rejected_ids"])):
+                whole = tok(prompt + text, split_special_tokens=True)["input_ids"]
+                assert prompt_ids + ids == whole + [tok.eos_token_id]
+
+
 def test_a_stale_temporary_folder_is_removed_and_a_live_one_kept(small_compred, tmp_path):
     d = dm(small_compred, tmp_path, rows="sft")
     folder = d.prepared("validation_pref").folder
@@ -242,6 +262,7 @@ KILLED = """
 import sys
 from personalm.data import prepare
 from personalm.data.datamodule import ComPreDDataModule
+from personalm.data.prompt import format_prompt
 prepare.PARALLEL_MIN_ROWS, prepare.tasks.TASK_ROWS = 0, 200
 dm = ComPreDDataModule(dataset=sys.argv[1], subset="finance", rows="preference", cache_dir=sys.argv[2], num_proc=2,
                        max_length=256, min_score_ratio=None)
@@ -300,6 +321,7 @@ import lightning.pytorch as L
 import torch
 from personalm.data import encoding, pairs, prepare
 from personalm.data.datamodule import ComPreDDataModule
+from personalm.data.prompt import format_prompt
 
 data, cache, out = sys.argv[1:4]
 calls = []
