@@ -19,9 +19,11 @@ data into fixed-length rows, which changes what a step is). Both sides get perso
 own tokenization is bypassed), the same pairs in the same order (no shuffling), the same batch in pairs,
 fp32, AdamW at lr 1e-5 (cosine, no warm-up), clipping at 1, dropout off, no evaluation, no checkpoints, no
 logging backend, and the same ``torch.set_num_threads``. personalm runs with its defaults: prefix-shared
-packed DPO rows, packed SFT rows, chunked log-probs. Timed: the training epoch (first batch to last
-optimizer step); the reference precomputation apart. The loss of every step is kept: the two sides'
-curves must agree, or the comparison is of different work.
+packed DPO rows, packed SFT rows, chunked log-probs; beside them, ``personalm DPO two spans``: the best peer
+layout (OpenRLHF's and open-instruct's packed DPO: ``[prompt | chosen]`` and ``[prompt | rejected]`` as two
+spans, the prompt run twice; ``data.pair_packing: two_spans``), the yardstick for prefix sharing. Timed: the
+training epoch (first batch to last optimizer step); the reference precomputation apart. The loss of every step
+is kept: the two sides' curves must agree, or the comparison is of different work.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RUNS = ("personalm DPO", "trl DPO", "personalm DPO precomputed", "trl DPO precomputed", "personalm SFT", "trl SFT")
+RUNS = ("personalm DPO", "personalm DPO two spans", "trl DPO", "personalm DPO precomputed", "trl DPO precomputed",
+        "personalm SFT", "trl SFT")
 OLD_PATH = ("personalm DPO old path", "personalm SFT old path")  # on request: no packing, no chunking
 SHAPES = {"demo": dict(max_length=256, max_prompt_length=None),
           "realistic": dict(max_length=1024, max_prompt_length=512)}
@@ -101,16 +104,19 @@ class Clock:
     def __init__(self):
         self.start = self.end = None
         self.losses: list[float] = []
+        self.tokens = 0  # forwarded by the policy (personalm's runs)
 
     def result(self, **extra) -> dict:
         return {"epoch_s": self.end - self.start, "steps": len(self.losses), "losses": self.losses,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+                "tokens": self.tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **extra}
 
 
 # ---------------------------------------------------------------------------------------------- personalm
 
 
-def run_personalm(spec: dict, dpo: bool, precompute: bool, tmp: Path, old_path: bool = False) -> dict:
+def run_personalm(spec: dict, dpo: bool, precompute: bool, tmp: Path, old_path: bool = False,
+                  two_spans: bool = False) -> dict:
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
@@ -127,8 +133,10 @@ def run_personalm(spec: dict, dpo: bool, precompute: bool, tmp: Path, old_path: 
     dm.__class__ = InOrder
     common = dict(model_name_or_path=spec["model"], lr=LR, weight_decay=0.0, warmup_steps=0, export_dir="")
     if old_path:  # two padded rows per pair, padded SFT rows, the model's own logits
-        dm.hparams.prefix_sharing = dm.hparams.pack_sft = False
+        dm.hparams.pair_packing, dm.hparams.pack_sft = "none", False
         common["logprob_chunk"] = None
+    if two_spans:  # the peer design: [prompt | chosen] and [prompt | rejected] packed apart, the prompt run twice
+        dm.hparams.pair_packing = "two_spans"
     module = DPOModule(beta=0.1, precompute_reference=precompute, reference_cache=str(tmp / "cache"),
                        disable_dropout=True, **common) if dpo else SFTModule(**common)
 
@@ -138,6 +146,7 @@ def run_personalm(spec: dict, dpo: bool, precompute: bool, tmp: Path, old_path: 
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            clock.tokens += batch["packed"]["tokens"] if "packed" in batch else int(batch["attention_mask"].sum())
 
         def on_train_epoch_end(self, trainer, pl_module):
             clock.end = time.perf_counter()
@@ -248,7 +257,8 @@ def child(spec: dict) -> None:
     run = spec["run"]
     with tempfile.TemporaryDirectory() as tmp:
         if run.startswith("personalm"):
-            out = run_personalm(spec, "DPO" in run, "precomputed" in run, Path(tmp), old_path=run in OLD_PATH)
+            out = run_personalm(spec, "DPO" in run, "precomputed" in run, Path(tmp), old_path=run in OLD_PATH,
+                                two_spans="two spans" in run)
         else:
             out = run_trl(spec, "DPO" in run, "precomputed" in run, Path(tmp))
     print(TAG + json.dumps(out), flush=True)
@@ -274,8 +284,8 @@ def report(model: str, shape: str, results: dict) -> None:
     print("| run | epoch (s) | + precompute (s) | steps | first / last loss | peak RSS (MB) | personalm vs trl |")
     print("|---|---:|---:|---:|---|---:|---|")
     for run, r in results.items():
-        peer = results.get(run.replace("personalm", "trl").replace(" old path", "")) if run.startswith("personalm") \
-            else None
+        peer = results.get(run.replace("personalm", "trl").replace(" old path", "").replace(" two spans", "")) \
+            if run.startswith("personalm") else None
         vs = ""
         if peer:
             vs = (f"epoch {ratio(peer['epoch_s'], r['epoch_s'])} faster, "
@@ -292,6 +302,12 @@ def report(model: str, shape: str, results: dict) -> None:
             la, lb = results[a]["losses"], results[b]["losses"]
             gap = max(abs(x - y) for x, y in zip(la, lb)) if len(la) == len(lb) else float("nan")
             print(f"- {a} vs {b}: {len(la)} / {len(lb)} steps, largest per-step loss difference {gap:.2e}")
+    shared, apart = results.get("personalm DPO"), results.get("personalm DPO two spans")
+    if shared and apart:  # the yardstick: the best peer layout, on the same pairs and batches
+        gap = max(abs(x - y) for x, y in zip(shared["losses"], apart["losses"]))
+        print(f"- prefix-shared vs two spans per pair (both packed, each at its default budget): epoch "
+              f"{ratio(apart['epoch_s'], shared['epoch_s'])} faster, policy tokens forwarded "
+              f"{ratio(apart['tokens'], shared['tokens'])} fewer; largest per-step loss difference {gap:.2e}")
 
 
 def main(argv=None) -> dict:

@@ -13,6 +13,9 @@ and runs, in ``bf16-mixed`` with gradient checkpointing and the paper's lengths 
 3. trl's DPOTrainer on the same model, rows (personalm's token ids) and settings, LoRA with its adapter-free
    reference, when trl is importable;
 4. DPO with every weight trained under FSDP2 (one process), reference copy sharded;
+   again for a few steps with the reference's root left unsharded after its forward (peak memory
+   with and without resharding), and DPO with LoRA for 10 steps, logging every 4th, with
+   ``torch.cuda.set_sync_debug_mode("warn")``: host syncs per step, between logging steps and at them;
 5. generation from the SFT export, Hugging Face ``generate`` against vLLM in bf16 (benchmarks/generation_speed.py;
    where vLLM is not installed, as in the lent machines' environment, its side is skipped and it says so).
 
@@ -149,12 +152,52 @@ def lightning_callback(measure: Measure):
     return Timing()
 
 
+def sync_counter(cuda: bool):
+    """Host syncs per training step on CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` turns each synchronizing
+    operation into a warning; they are counted from the step's start to its end, apart for logging steps (where
+    reading the loss on the host is allowed) and the others (where personalm promises none)."""
+    import warnings
+
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from personalm.training.callbacks import logging_step
+
+    class SyncCount(Callback):
+        def __init__(self):
+            self.steps: list[tuple[bool, int]] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._record = warnings.catch_warnings(record=True)
+            self._seen = self._record.__enter__()
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            self._record.__exit__(None, None, None)
+            found = sum("synchroniz" in str(w.message).lower() for w in self._seen)
+            self.steps.append((logging_step(trainer), found))
+
+        def result(self, skip: int) -> dict:
+            steps = self.steps[skip:]
+            other = [n for logged, n in steps if not logged]
+            logged = [n for is_log, n in steps if is_log]
+            return {"observed": cuda, "steps": len(steps), "other_steps_max": max(other, default=None),
+                    "other_steps_total": sum(other), "logging_steps": len(logged),
+                    "logging_steps_mean": sum(logged) / len(logged) if logged else None}
+
+    return SyncCount()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runs
 
 
-def run_personalm(name: str, config: str, args, base: str, out: Path, extra: list[str], measure: Measure,
-                  strategy: str = None):
+def run_personalm(name: str, config: str, args, base: str, out: Path, extra: list[str], measure: Measure = None,
+                  strategy: str = None, callbacks=()):
     import personalm.dpo  # noqa: F401
     import personalm.sft  # noqa: F401
     from personalm.cli import PersonalmCLI
@@ -174,7 +217,9 @@ def run_personalm(name: str, config: str, args, base: str, out: Path, extra: lis
             f"--data.max_prompt_length={args.max_length // 2}", "--data.max_train_pairs=null",
             "--data.max_eval_pairs=null", *extra]
     cli = PersonalmCLI(args=argv, run=False)
-    cli.trainer.callbacks.append(lightning_callback(measure))
+    if measure is not None:
+        cli.trainer.callbacks.append(lightning_callback(measure))
+    cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 
@@ -332,8 +377,35 @@ def main(argv=None) -> dict:
             *accel, "--model.init_args.reference=copy", "--model.init_args.sft_weight=0", "--model.init_args.lr=1e-6",
             f"--data.batch_size={args.dpo_batch}", "--model.init_args.export_dir="], m, strategy="fsdp2.yaml")
         results["personalm DPO, full fine-tuning, FSDP2"] = m.result(n_params, True, peak)
+        # the same, the reference's root not resharded after its forward (as before issue 19)
+        from personalm.training import reference
+
+        short = argparse.Namespace(**{**vars(args), "steps": min(args.steps, args.warmup + 3)})
+        m, kept = Measure(args.warmup, cuda), reference.reshard
+        reference.reshard = lambda model: None
+        try:
+            run_personalm("dpo_full_fsdp2_no_reshard", "dpo.yaml", short, start, out, [
+                *accel, "--model.init_args.reference=copy", "--model.init_args.sft_weight=0",
+                "--model.init_args.lr=1e-6", f"--data.batch_size={args.dpo_batch}",
+                "--model.init_args.export_dir="], m, strategy="fsdp2.yaml")
+        finally:
+            reference.reshard = kept
+        results["personalm DPO, full fine-tuning, FSDP2, reference not resharded"] = m.result(n_params, True, peak)
+    # host syncs per step of the paper's DPO recipe (LoRA), logging every 4th step (counted on CUDA only)
+    counter = sync_counter(cuda)
+    short = argparse.Namespace(**{**vars(args), "steps": 2 + 8})
+    run_personalm("dpo_lora_syncs", "dpo.yaml", short, start, out, [
+        *accel, *lora, "--model.init_args.reference=adapters_off", "--model.init_args.sft_weight=0",
+        "--model.init_args.lr=1e-4", f"--data.batch_size={args.dpo_batch}", "--model.init_args.export_dir=",
+        "--trainer.log_every_n_steps=4"], callbacks=[counter])
+    syncs = counter.result(skip=2)
+    print(f"[gpu_check] host syncs (torch.cuda.set_sync_debug_mode), DPO LoRA, {syncs['steps']} steps after 2: "
+          f"{syncs['other_steps_total']} in all on the {syncs['steps'] - syncs['logging_steps']} steps between "
+          f"logging steps (most in one: {syncs['other_steps_max']}); {syncs['logging_steps_mean']} per logging "
+          f"step{'' if cuda else ' (not observable on a CPU: the run only checks the wiring)'}", flush=True)
 
     report(results, device, args, n_params, time.perf_counter() - began, peak)
+    results["host syncs"] = syncs
     prompts = args.generation_prompts if args.generation_prompts is not None else (128 if cuda else 0)
     if prompts:  # generation tokens/s, HF against vLLM (skipped, and said, where vLLM is not installed)
         import generation_speed

@@ -47,7 +47,7 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     dm = datamodule(spec, "preference")
-    dm.hparams.prefix_sharing = spec["packed"]
+    dm.hparams.pair_packing = "prefix_shared" if spec["packed"] else "none"
     batch = next(iter(dm.train_dataloader()))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -29,7 +29,11 @@ def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
     generation = results.pop("generation")
     assert generation["sft_export bfloat16 hf"]["new_tokens"] > 0
-    expected = {"personalm SFT, LoRA", "personalm DPO, LoRA, adapters off", "personalm DPO, full fine-tuning, FSDP2"}
+    syncs = results.pop("host syncs")  # counted on CUDA only; here the run and its logging-step labels
+    assert syncs == {"observed": False, "steps": 8, "other_steps_max": 0, "other_steps_total": 0, "logging_steps": 2,
+                     "logging_steps_mean": 0.0}
+    expected = {"personalm SFT, LoRA", "personalm DPO, LoRA, adapters off", "personalm DPO, full fine-tuning, FSDP2",
+                "personalm DPO, full fine-tuning, FSDP2, reference not resharded"}
     assert expected <= set(results)
     for name, r in results.items():
         assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["changed"] > 0.3, (name, r)
@@ -44,7 +48,8 @@ def test_epoch_benchmark_small_setting_trains_the_same_curve_as_trl(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "epoch.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "epoch_vs_trl.py"), "--models", "embedded",
-                           "--shapes", "demo", "--pairs", "8", "--batch", "4", "--runs", "personalm DPO,trl DPO",
+                           "--shapes", "demo", "--pairs", "8", "--batch", "4",
+                           "--runs", "personalm DPO,personalm DPO two spans,trl DPO",
                            "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,6 +59,9 @@ def test_epoch_benchmark_small_setting_trains_the_same_curve_as_trl(tmp_path):
     assert ours["steps"] == theirs["steps"] == 2 and ours["pairs"] == 8
     assert abs(ours["losses"][0] - 0.6931) < 1e-3
     assert max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])) < 1e-4
+    apart = runs["personalm DPO two spans"]  # the peer layout: the same losses, every prompt forwarded twice
+    assert max(abs(a - b) for a, b in zip(ours["losses"], apart["losses"])) < 1e-4
+    assert ours["tokens"] < apart["tokens"] and "prefix-shared vs two spans per pair" in proc.stdout
 
 
 @pytest.mark.slow

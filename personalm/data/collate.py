@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
 from personalm.data.encoding import IGNORE_INDEX
-from personalm.data.packing import pack_examples, pack_pairs, padded_targets
+from personalm.data.packing import pack_examples, pack_pairs, pack_pairs_two_spans, padded_targets
+
+PairPacking = Literal["prefix_shared", "two_spans", "none"]
+PAIR_PACKERS = {"prefix_shared": pack_pairs, "two_spans": pack_pairs_two_spans}
 
 
 def _require(rows: Sequence[dict], keys: Sequence[str], what: str) -> None:
@@ -62,26 +65,29 @@ def collate_sft(rows: Sequence[dict], pad_id: int, pack: bool = False, pack_toke
     return batch
 
 
-def _pairs(prompts: list, rows: Sequence[dict], pad_id: int, share: bool, pack_tokens: Optional[int]) -> dict:
+def _pairs(prompts: list, rows: Sequence[dict], pad_id: int, packing: PairPacking, pack_tokens: Optional[int]) -> dict:
     chosen, rejected = [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]
     batch = sequences(prompts * 2, chosen + rejected, pad_id)
-    if share:
-        batch["packed"] = pack_pairs(prompts, chosen, rejected, pad_id, pack_tokens)
+    if packing != "none":
+        batch["packed"] = PAIR_PACKERS[packing](prompts, chosen, rejected, pad_id, pack_tokens)
     return batch
 
 
-def collate_preference(rows: Sequence[dict], pad_id: int, prefix_sharing: bool = False,
+def collate_preference(rows: Sequence[dict], pad_id: int, pair_packing: PairPacking = "none",
                        pack_tokens: Optional[int] = None) -> dict:
     """Chosen rows then rejected rows in one batch of 2B sequences, so one forward pass scores both; with
-    ``prefix_sharing``, also one ``[prompt | chosen | rejected]`` span per pair, packed (``batch["packed"]``)."""
+    ``pair_packing``, also the pairs packed into rows (``batch["packed"]``): ``prefix_shared``, one
+    ``[prompt | chosen | rejected]`` span per pair; ``two_spans``, ``[prompt | chosen]`` and ``[prompt | rejected]``."""
+    if pair_packing != "none" and pair_packing not in PAIR_PACKERS:
+        raise ValueError(f"pair_packing must be one of prefix_shared, two_spans, none; got {pair_packing!r}")
     _require(rows, ("prompt_ids", "chosen_ids", "rejected_ids", "community", "index"), "collate_preference")
-    batch = _pairs([r["prompt_ids"] for r in rows], rows, pad_id, prefix_sharing, pack_tokens)
+    batch = _pairs([r["prompt_ids"] for r in rows], rows, pad_id, pair_packing, pack_tokens)
     batch["community"] = [r["community"] for r in rows]
     batch["post_id"] = _post_ids(rows)
     batch["index"] = torch.tensor([r["index"] for r in rows])
     for extra in ("none_prompt_ids", "random_prompt_ids"):  # conditioning-sensitivity variants
         if extra in rows[0]:
-            batch[extra.replace("_prompt_ids", "")] = _pairs([r[extra] for r in rows], rows, pad_id, prefix_sharing,
+            batch[extra.replace("_prompt_ids", "")] = _pairs([r[extra] for r in rows], rows, pad_id, pair_packing,
                                                              pack_tokens)
     return batch
 

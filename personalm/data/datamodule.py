@@ -60,9 +60,10 @@ class ComPreDDataModule(L.LightningDataModule):
         batch_size: training batch size (pairs for preference rows).
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers (0 is fastest for the tiny demo on CPU).
-        prefix_sharing: preference batches also carry each pair as one ``[prompt | chosen | rejected]``
-            span, the spans packed into rows (``personalm.data.packing``): the post runs through the
-            model once per pair. A batch stays ``batch_size`` pairs. False: two padded rows per pair.
+        pair_packing: how preference batches carry their pairs packed into rows (``personalm.data.packing``;
+            a batch stays ``batch_size`` pairs): ``prefix_shared``, one ``[prompt | chosen | rejected]`` span per
+            pair, the post run through the model once per pair; ``two_spans``, ``[prompt | chosen]`` and
+            ``[prompt | rejected]`` apart (the peer design, for comparison); ``none``, two padded rows per pair.
         pack_sft: SFT batches also carry their examples packed into rows (attention within each example).
         pack_tokens: token budget of a packed row (default: the batch's longest span, so no row is wider
             than that span; larger packs more spans per row, at attention's quadratic cost).
@@ -101,7 +102,7 @@ class ComPreDDataModule(L.LightningDataModule):
         seed: int = 42,
         cache_dir: Optional[str] = None,
         num_proc: Optional[int] = None,
-        prefix_sharing: bool = True,
+        pair_packing: Literal["prefix_shared", "two_spans", "none"] = "prefix_shared",
         pack_sft: bool = True,
         pack_tokens: Optional[int] = None,
         group_by_length: bool = True,
@@ -238,7 +239,7 @@ class ComPreDDataModule(L.LightningDataModule):
             return partial(collate_prompts, pad_id=pad)
         hp = self.hparams
         if hp.rows == "preference":
-            return partial(collate_preference, pad_id=pad, prefix_sharing=hp.prefix_sharing, pack_tokens=hp.pack_tokens)
+            return partial(collate_preference, pad_id=pad, pair_packing=hp.pair_packing, pack_tokens=hp.pack_tokens)
         return partial(collate_sft, pad_id=pad, pack=hp.pack_sft, pack_tokens=hp.pack_tokens)
 
     @property

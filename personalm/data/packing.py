@@ -1,6 +1,6 @@
 """Packed rows: several sequences per row, each attending only within itself. Pure functions.
 
-Two layouts, both described per token by a ``group`` (which sequence or pair of the row it belongs to;
+Three layouts, all described per token by a ``group`` (which sequence or pair of the row it belongs to;
 -1 for padding) and a ``branch`` (0: shared by the whole group; 1, 2: a branch that sees the shared
 tokens and itself, never the other branch):
 
@@ -8,6 +8,9 @@ tokens and itself, never the other branch):
   not see the chosen ones and their positions continue from the end of the prompt, like the chosen
   ones, so each answer is computed as if it followed the prompt alone (the post is run through the
   model once per pair instead of twice).
+- **Two spans per pair** (the peer design: OpenRLHF's and open-instruct's packed DPO): ``[prompt | chosen]``
+  and ``[prompt | rejected]`` as separate spans, the prompt run twice; the yardstick prefix sharing is measured
+  against (``benchmarks/epoch_vs_trl.py``).
 - **Packed SFT examples**: ``[prompt + response]`` spans, positions restarting at 0 in each.
 
 Pairs/examples go into rows by first-fit decreasing up to a token budget (by default the longest span of
@@ -120,6 +123,22 @@ def pack_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
         p, c, r = list(p), list(c), list(r)
         spans.append({"pieces": [(p, SHARED, 0), (c, FIRST, len(p)), (r, SECOND, len(p))],
                       "targets": _response_targets(1, len(c), len(p), k) + _response_targets(2, len(r), len(p), n + k)})
+    out = pack(spans, pad_id, budget)
+    out["sequences"] = 2 * n
+    return target_counts(out)
+
+
+def pack_pairs_two_spans(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+                         rejected: Sequence[Sequence[int]], pad_id: int, budget: Optional[int] = None) -> dict:
+    """Each pair as two spans ``[prompt | chosen]``, ``[prompt | rejected]``; output sequences in the order of
+    ``pack_pairs`` (chosen answers, then rejected ones)."""
+    n = len(prompts)
+    spans = []
+    for k, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        p = list(p)
+        for answer, sequence in ((list(c), k), (list(r), n + k)):
+            spans.append({"pieces": [(p, SHARED, 0), (answer, SHARED, len(p))],
+                          "targets": _response_targets(1, len(answer), len(p), sequence)})
     out = pack(spans, pad_id, budget)
     out["sequences"] = 2 * n
     return target_counts(out)

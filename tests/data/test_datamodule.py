@@ -242,10 +242,13 @@ def test_evaluation_and_prediction_batches_are_grouped_by_length(small_compred, 
     assert lengths == sorted(lengths, reverse=True) and lengths != plain_lengths
 
 
-def test_prefix_sharing_and_packing_are_settings(small_compred):
+def test_pair_packing_and_sft_packing_are_settings(small_compred):
     shared = next(iter(dm(small_compred, rows="preference").val_dataloader()))
     assert shared["packed"]["sequences"] == 2 * len(shared["community"])
     assert shared["packed"]["tokens"] < int(shared["attention_mask"].sum())  # each post once per pair
-    assert "packed" not in next(iter(dm(small_compred, rows="preference", prefix_sharing=False).val_dataloader()))
+    assert "packed" not in next(iter(dm(small_compred, rows="preference", pair_packing="none").val_dataloader()))
+    apart = next(iter(dm(small_compred, rows="preference", pair_packing="two_spans").val_dataloader()))
+    assert apart["packed"]["sequences"] == 2 * len(apart["community"])
+    assert apart["packed"]["tokens"] == int(apart["attention_mask"].sum())  # each post twice per pair
     assert "packed" in next(iter(dm(small_compred).val_dataloader()))
     assert "packed" not in next(iter(dm(small_compred, pack_sft=False).val_dataloader()))

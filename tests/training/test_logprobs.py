@@ -205,7 +205,7 @@ def test_prefix_shared_packed_pairs_equal_the_padded_pairs(attn, budget):
     """Log-probs, DPO losses and gradients of prefix-shared (and packed) pairs == two padded rows per pair,
     fp32; the shared path really ran: one span per pair, fewer tokens forwarded."""
     model = llama(attn)
-    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True, pack_tokens=budget)
+    batch = collate_preference(pair_rows(), pad_id=0, pair_packing="prefix_shared", pack_tokens=budget)
     padded = {k: v for k, v in batch.items() if k != "packed"}
     old, old_shapes = forwarded(model, lambda: model_logprobs(model, padded))
     new, new_shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=16))
@@ -223,6 +223,20 @@ def test_prefix_shared_packed_pairs_equal_the_padded_pairs(attn, budget):
     g_old, g_new = grads(model, loss_old.losses.sum()), grads(model, loss_new.losses.sum())
     for name in g_old:
         assert_close(g_new[name], g_old[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_span_pairs_equal_the_padded_pairs():
+    """The peer layout (``[prompt | chosen]`` and ``[prompt | rejected]`` as separate spans, packed): the same
+    log-probs as two padded rows per pair, every prompt forwarded twice (as many tokens as the padded rows hold)."""
+    model = llama("sdpa")
+    batch = collate_preference(pair_rows(), pad_id=0, pair_packing="two_spans", pack_tokens=96)
+    padded = {k: v for k, v in batch.items() if k != "packed"}
+    old = model_logprobs(model, padded)
+    new, shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=16))
+    assert shapes == [tuple(batch["packed"]["input_ids"].shape)] and shapes[0][0] < 14  # several spans per row
+    assert batch["packed"]["tokens"] == int(padded["attention_mask"].sum())
+    assert_close(new.sum, old.sum, atol=1e-5, rtol=1e-6)
+    assert new.tokens.tolist() == old.tokens.tolist()
 
 
 def test_packed_sft_loss_equals_the_unpacked_loss():
@@ -261,7 +275,7 @@ def test_chunked_head_equals_the_full_logits_over_several_chunks():
 def test_models_that_cannot_pack_fall_back_and_say_so(caplog, monkeypatch):
     """Flash-attention kernels take no custom mask; a soft-capped head is not the output embedding alone:
     both get the padded (or old) path and the same numbers, with a one-line message."""
-    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True)
+    batch = collate_preference(pair_rows(), pad_id=0, pair_packing="prefix_shared")
     padded = {k: v for k, v in batch.items() if k != "packed"}
     model = llama("sdpa")
     expected = model_logprobs(model, padded)
@@ -296,7 +310,7 @@ def test_a_model_that_scales_its_logits_inside_its_forward_is_caught_on_the_firs
     plain = llama("sdpa")
     model = Scaled(plain.config)
     model.load_state_dict(plain.state_dict())
-    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True)
+    batch = collate_preference(pair_rows(), pad_id=0, pair_packing="prefix_shared")
     padded = {k: v for k, v in batch.items() if k != "packed"}
     out = sequence_logps(model, batch, chunk=16)
     assert_close(out.sum, model_logprobs(model, padded).sum)

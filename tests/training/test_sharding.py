@@ -199,7 +199,7 @@ def _reference_reshards(rank: int, port: int, out: str) -> None:
                       bf16_compute=False)
         rows = [{"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2], "community": "c",
                  "index": 0}]
-        batch = collate_preference(rows, pad_id=0, prefix_sharing=True)
+        batch = collate_preference(rows, pad_id=0, pair_packing="prefix_shared")
         whole = lambda: sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))  # noqa: E731
         with torch.no_grad():
             plain = sequence_logps(model, batch).sum
