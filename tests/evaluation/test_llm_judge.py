@@ -106,6 +106,11 @@ def items(n: int, community: str = "r/finance") -> list[Comparison]:
     return [Comparison(f"p{i}", community, f"title {i}", f"body {i}", f"resp a {i}", f"resp b {i}") for i in range(n)]
 
 
+def shown_a(judge: LLMJudge, item: Comparison) -> str:
+    """The verdict of a reply "A" (the server's default) for ``item``: response_b where its order was swapped."""
+    return "B" if judge.swapped(item) else "A"
+
+
 def make_judge(server: Scripted, **kw) -> tuple[LLMJudge, list[float]]:
     judge = LLMJudge(server.base_url, "judge-model", api_key_env=ENV, **{"timeout_s": 2.0, **kw})
     delays: list[float] = []
@@ -177,7 +182,7 @@ def test_verdicts_mapped_back(server):
 def test_retry_on_500_then_success(server):
     server.reply((500, "oops", 0.0))
     judge, delays = make_judge(server)
-    assert judge.judge(items(1)) != [None]
+    assert judge.judge(items(1)) == [shown_a(judge, items(1)[0])]  # the retried reply, mapped back
     assert delays == [1.0] and judge.stats["calls"] == 2 and judge.stats["retries"] == 1
     assert judge.stats["failures"] == 0
 
@@ -185,7 +190,7 @@ def test_retry_on_500_then_success(server):
 def test_retry_on_429_exponential_backoff(server):
     server.reply((429, "slow down", 0.0), (429, "", 0.0), (503, "", 0.0))
     judge, delays = make_judge(server, backoff_s=1.0)
-    assert judge.judge(items(1)) != [None]
+    assert judge.judge(items(1)) == [shown_a(judge, items(1)[0])]  # the retried reply, mapped back
     assert delays == [1.0, 2.0, 4.0] and len(server.requests) == 4
 
 
@@ -199,7 +204,7 @@ def test_retries_exhausted_is_a_failure(server):
 def test_timeout_retried(server):
     server.reply((200, chat("A"), 0.6))
     judge, delays = make_judge(server, timeout_s=0.2)
-    assert judge.judge(items(1)) != [None]
+    assert judge.judge(items(1)) == [shown_a(judge, items(1)[0])]  # the retried reply, mapped back
     assert judge.stats["retries"] == 1 and delays == [1.0] and len(server.requests) == 2
 
 

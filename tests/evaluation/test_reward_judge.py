@@ -20,11 +20,14 @@ def test_reward_judge_scores_in_the_true_community_and_is_order_free(reward_run)
                     ("r/personalfinance", bold, careful), ("r/wallstreetbets", bold, careful),
                     ("r/personalfinance", careful, careful)])
     verdicts = judge.judge(items)
-    mirror = {"A": "B", "B": "A", "tie": "tie"}
-    assert verdicts[2] == mirror[verdicts[0]] and verdicts[3] == mirror[verdicts[1]], verdicts  # order-free
-    assert verdicts[4] == "tie"  # the same text twice (scores differ by float noise only)
+    # the synthetic communities' tastes (personalm.data.synthetic): r/personalfinance ranks the careful style first
+    # and the bold one last, r/wallstreetbets the other way round; whichever of A and B holds it, the taste wins
+    assert verdicts == ["A", "B", "B", "A", "tie"], verdicts
     scores = judge.scores(items)
-    assert scores[0][0] != pytest.approx(scores[1][0], abs=1e-3)  # the community in the prompt matters
+    (careful_pf, bold_pf), (careful_wsb, bold_wsb) = scores[0], scores[1]
+    assert careful_pf > bold_pf and bold_wsb > careful_wsb, scores  # the community in the prompt sets the direction
+    assert scores[2] == pytest.approx(scores[0][::-1], abs=1e-4)  # each response scored alone: its place is moot
+    assert scores[4][0] == pytest.approx(scores[4][1], abs=judge.tie_margin)  # the same text twice, scored
 
 
 def test_reward_judge_refuses_another_tokenizer(reward_run, tmp_path, tokenizer):

@@ -72,11 +72,18 @@ def test_the_bad_update_is_skipped_on_the_device_and_training_stops_at_the_next_
 
 
 def test_guard_costs_no_step_when_all_is_finite(small_compred, tmp_path):
+    """Every step is finite: every update is applied (a guard that skipped them all would leave the step count
+    at 3 and the weights finite, but the weights and AdamW's step counts unmoved)."""
+    SNAPSHOTS.clear()
     cli = main(["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
                 "--model.class_path=tests.helpers.NaNAtStep", "--model.init_args.nan_at_step=99",
-                "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_dir="])
+                "--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--model.init_args.export_dir=",
+                '--trainer.callbacks+={"class_path": "tests.training.test_base.Snapshot"}'])
     assert cli.trainer.global_step == 3
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    assert [s["adam_steps"] for s in SNAPSHOTS] == [[float(k)] * len(SNAPSHOTS[0]["adam_steps"]) for k in (1, 2, 3)]
+    for before, after in zip(SNAPSHOTS, SNAPSHOTS[1:]):
+        assert not all(torch.equal(a, b) for a, b in zip(before["weights"], after["weights"])), after["step"]
 
 
 def test_tokenizer_without_eos_fails_at_start_up(tmp_path, tokenizer, small_compred):

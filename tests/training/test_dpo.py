@@ -10,6 +10,7 @@ import torch
 from personalm.cli import main
 from personalm.models import LoraSettings, load_causal_lm
 from personalm.training.dpo import DPOModule
+from personalm.training.dpo_loss import PairLogps, pair_losses
 from personalm.training.logprobs import model_logprobs
 from tests.helpers import DEMO_DPO, quiet, scalars
 
@@ -50,6 +51,26 @@ def test_first_loss_is_ln2_and_val_accuracy_rises(dpo_run):
     assert found["val/rewards/accuracies/macro"][-1] == pytest.approx(sum(per) / len(per))
 
 
+def test_trained_policy_packed_losses_equal_the_padded_ones(dpo_run):
+    """ln 2 at step 0 holds for any attention mask (policy and reference run the same path); after training
+    they differ, so the losses of prefix-shared packed rows (what training ran) must equal those of the plain
+    padded rows under the model's own 2D mask, policy and reference both, and be far from ln 2."""
+    cli, _, _ = dpo_run
+    module = cli.model.eval()
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    assert "packed" in batch and module.reference.loaded
+    n = len(batch["community"])
+    padded = {k: v for k, v in batch.items() if k != "packed"}
+    with torch.no_grad():
+        packed = module.pair_losses(batch, "val")
+        policy = PairLogps.from_sequences(model_logprobs(module.model, padded), n)
+        reference = PairLogps.from_sequences(model_logprobs(module.reference.model, padded), n)
+    hp = module.hparams
+    expected = pair_losses(policy, reference, hp.beta, hp.loss_type, hp.label_smoothing)
+    assert (expected.losses - math.log(2)).abs().mean() > 0.05, expected.losses  # the policy moved
+    torch.testing.assert_close(packed.losses, expected.losses, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_stays_bit_identical_and_outside_the_optimizer(dpo_run):
     cli, _, start = dpo_run
     module = cli.model
@@ -77,7 +98,13 @@ def test_test_subcommand_writes_per_community_json(dpo_run, train_compred, tmp_p
     assert set(report["conditioning"]) == {"true", "none", "random"}
     true = report["conditioning"]["true"]
     assert true["rewards/margins"] != 0 and true["rewards/accuracies"] > 0.5, true
-    assert 0 <= true["rewards/accuracies/r_wallstreetbets"] <= 1
+    # each community's accuracy is its own pairs' count of wins, and those counts add up to the overall one
+    per = [k.removeprefix("pairs/") for k in true if k.startswith("pairs/r_")]
+    assert len(per) == 8 and sum(true[f"pairs/{c}"] for c in per) == true["pairs"], true
+    wins = {c: true[f"rewards/accuracies/{c}"] * true[f"pairs/{c}"] for c in per}
+    assert all(abs(w - round(w)) < 1e-6 for w in wins.values()), wins
+    assert sum(round(w) for w in wins.values()) == round(true["rewards/accuracies"] * true["pairs"]), wins
+    assert len({true[f"rewards/accuracies/{c}"] for c in per}) > 1, "every community scored the same"
     assert t.trainer.callback_metrics["test/rewards/accuracies/r_history"] == pytest.approx(
         true["rewards/accuracies/r_history"])
 

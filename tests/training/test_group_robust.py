@@ -105,6 +105,7 @@ def test_dpo_with_eta_0_at_the_shares_trains_plain_dpos_weights(sft_run, small_c
     robust = main(["fit", *_dpo_args(tmp_path / "robust", small_compred, sft.model.export_path,
                                      "--trainer.max_steps=4", '--model.init_args.group_robust={"eta": 0.0}')])
     assert safetensors_diff(plain.model.export_path, robust.model.export_path) <= 1e-6
+    assert safetensors_diff(sft.model.export_path, plain.model.export_path) > 1e-4  # both trained: the check can tell
     record = json.loads((Path(robust.model.export_path) / RECORD).read_text())
     shares = {c: n / sum(record["pairs"].values()) for c, n in record["pairs"].items()}
     assert record["alpha"] == pytest.approx(shares) and len(shares) == 4

@@ -287,8 +287,11 @@ def test_models_that_cannot_pack_fall_back_and_say_so(caplog, monkeypatch):
     assert not logprobs.head_is_plain(model)
     logprobs.MESSAGES.clear()
     with caplog.at_level("INFO"):
-        out = sequence_logps(model, batch, chunk=16)
-    assert_close(out.sum, model_logprobs(model, padded).sum) and "transforms its logits" in caplog.text
+        out, shapes = forwarded(model, lambda: sequence_logps(model, batch, chunk=16))
+    # Llama's forward ignores the soft-capping key: the numbers alone cannot tell the paths apart, the shapes can
+    assert shapes == [(14, 46)], "the padded rows (the model's own logits), not the packed ones"
+    assert_close(out.sum, model_logprobs(model, padded).sum)
+    assert "transforms its logits" in caplog.text
     assert expected.tokens.tolist() == out.tokens.tolist()
     model.config.final_logit_softcapping = None  # a plain head, attention without custom masks: padded rows
     monkeypatch.setattr(logprobs, "takes_4d_mask", lambda m: False)
