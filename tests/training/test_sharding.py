@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from personalm.models import LoraSettings, load_causal_lm
@@ -230,3 +231,52 @@ def test_a_frozen_reference_is_sharded_again_after_it_scored_root_included(tmp_p
     found = json.loads(out.read_text())
     assert found["reference"] == [] and found["same"], found
     assert "model.embed_tokens.weight" in found["plain"], found  # the check can tell
+
+
+class RecordReducedGrads(Callback):
+    """After each micro-batch's backward: did the first trained weight's shard get a gradient? (FSDP2 writes it
+    when it reduce-scatters; not while gradient sync is off.) Written by the first process at the end."""
+
+    def __init__(self, path: str):
+        self.path, self.seen = path, []
+
+    def on_after_backward(self, trainer, module):
+        first = next(p for p in module.model.parameters() if p.requires_grad)
+        self.seen.append(first.grad is not None)
+
+    def on_train_end(self, trainer, module):
+        if trainer.is_global_zero:
+            Path(self.path).write_text(json.dumps(self.seen))
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_reduced_once_per_step_trains_the_same_weights(small_compred, tmp_path, start_weights):
+    """Accumulation over 4 micro-batches on 2 processes: with ``reduce_every_micro_batch: false`` the gradients
+    are reduce-scattered after the 4th only (none reach the shards before: sync really was off), and the weights
+    equal those of a reduce-scatter after every micro-batch."""
+    runs, seen = {}, {}
+    for reduce_each in (True, False):
+        name = f"each_{reduce_each}"
+        record = tmp_path / f"{name}.json"
+        callback = {"class_path": "tests.training.test_sharding.RecordReducedGrads", "init_args": {"path": str(record)}}
+        runs[name] = launch(tmp_path / name, *DEMO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT,
+                            "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=4", "--data.batch_size=2",
+                            f"--trainer.strategy.init_args.reduce_every_micro_batch={str(reduce_each).lower()}",
+                            f"--trainer.callbacks+={json.dumps(callback)}")
+        seen[name] = json.loads(record.read_text())
+    assert seen["each_True"] == [True] * 8, seen
+    assert seen["each_False"] == [False, False, False, True] * 2, seen
+    assert_same_export(weights(runs["each_False"]), weights(runs["each_True"]), start_weights)
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_2x2_mesh_trains_the_weights_of_fsdp2(small_compred, tmp_path, start_weights):
+    """4 processes: HSDP (2 replicas, each sharded over 2 processes; the sampler over all 4) against FSDP2 over
+    all 4; the same global batches, so the same weights."""
+    common = [*DEMO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT, "--trainer.devices=4",
+              "--data.batch_size=2"]
+    fsdp2 = launch(tmp_path / "fsdp2", *common)
+    printed = []
+    hsdp = launch(tmp_path / "hsdp", *common, "--trainer.strategy.init_args.replicas=2", output=printed)
+    assert "HSDP: 2 replicas, each sharded over 2 processes" in printed[0]
+    assert_same_export(weights(hsdp), weights(fsdp2), start_weights)
