@@ -35,7 +35,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             stay on the node's fast links and only one all-reduce of the gradient shards per step crosses
             nodes; each GPU holds 1/(GPUs per node) of the weights, gradients and optimizer state instead of
             1/(all GPUs). An int ``r``: ``r`` replicas of ``world size / r`` consecutive processes each. The
-            data sampler spans every process either way (the whole data-parallel group).
+            samplers span every process either way, the whole data-parallel group (the datamodule's training
+            sampler over ``trainer.world_size``; Lightning's over the strategy's own ``data_parallel`` mesh
+            dimension, which stays all processes: only the model is sharded over the HSDP mesh).
         reduce_every_micro_batch: with ``trainer.accumulate_grad_batches`` > 1, ``True`` (default) reduce-
             scatters the gradients after every micro-batch (each process keeps only its shard). ``False``
             reduces only after the last micro-batch of an accumulation (FSDP2's
@@ -70,12 +72,6 @@ class FSDP2Strategy(ModelParallelStrategy):
                 self.root_device.type, (replicas, self.world_size // replicas), mesh_dim_names=HSDP_DIMS)
             rank_zero_info(f"[personalm] HSDP: {replicas} replicas, each sharded over "
                            f"{self.world_size // replicas} processes")
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict:
-        """Every process reads its own batches: the sampler spans the whole data-parallel group (all processes,
-        replicas included), not one replica's shard group."""
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     @contextmanager
     def block_backward_sync(self) -> Iterator[None]:
