@@ -150,11 +150,17 @@ def initialize(model: nn.Module) -> None:
 
     FSDP2 initialises at the root's first forward. When that forward leaves some parameters out (a DPO
     reference scored with the LoRA adapters turned off, before any training step), torch 2.13 then
-    refuses the adapters' bf16 gradients ("grad_dtype 'Float'") in the first backward.
+    refuses the adapters' bf16 gradients ("grad_dtype 'Float'") in the first backward. Torch has no public
+    call for the initialisation itself; ``unshard`` (public) runs it for each FSDP unit's parameters, which is
+    what the first backward needs. One unit at a time, so no more than one is gathered at once.
     """
-    state = getattr(model, "_get_fsdp_state", None)
-    if state is not None:
-        state()._lazy_init()
+    from torch.distributed.fsdp import FSDPModule
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
+                module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
