@@ -280,3 +280,94 @@ def test_hsdp_on_a_2x2_mesh_trains_the_weights_of_fsdp2(small_compred, tmp_path,
     hsdp = launch(tmp_path / "hsdp", *common, "--trainer.strategy.init_args.replicas=2", output=printed)
     assert "HSDP: 2 replicas, each sharded over 2 processes" in printed[0]
     assert_same_export(weights(hsdp), weights(fsdp2), start_weights)
+
+
+def _peak_rss_reset() -> int:
+    """Reset this process's peak resident set size (Linux: ``clear_refs`` 5) and return the current one."""
+    import psutil
+
+    Path("/proc/self/clear_refs").write_text("5")
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def _load_policy_and_reference(rank: int, port: int, folder: str, out: str) -> None:
+    import gc
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from personalm.training.dpo import DPOModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        module = DPOModule(model_name_or_path=folder)
+        module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))  # as Lightning sets it
+        import accelerate, safetensors.torch, transformers.models.llama.modeling_llama  # noqa: E401, F401 (imports
+        gc.collect()  # are a process's cost, not the model's: not measured)
+        before = _peak_rss_reset()
+        module.configure_model()
+        reference = module.reference.model
+        added = _peak_rss() - before
+        found = {"added": added}
+        for name, model in (("policy", module.model), ("reference", reference)):
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                saved = load_file(Path(folder) / "model.safetensors")
+                found[name] = [k for k in saved if not torch.equal(full[k], saved[k])] + sorted(saved.keys() ^ full)
+                found[f"{name}_inv_freq"] = torch.equal(model.model.rotary_emb.inv_freq, saved_inv_freq(folder))
+        gathered = [None, None]
+        dist.all_gather_object(gathered, found)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def saved_inv_freq(folder: str) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).model.rotary_emb.inv_freq
+
+
+@pytest.mark.slow
+def test_fsdp2_loads_policy_and_reference_into_shards_without_a_whole_copy_per_process(tmp_path):
+    """2 gloo processes load a DPO policy and its reference (a saved 170M-parameter Llama, fp32: 0.68 GB each)
+    under FSDP2: the peak resident memory each process added while loading, summed over both, is at most 1.25
+    times one policy plus one reference (loading whole in each process adds twice that); the shards hold the
+    saved weights and the rotary buffers are the model's own."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from personalm.models import resolve
+
+    tiny = Path(resolve("embedded:tiny-llama"))
+    config = AutoConfig.from_pretrained(tiny, hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
+                                        num_attention_heads=8, num_key_value_heads=8)
+    folder = tmp_path / "llama"
+    model = AutoModelForCausalLM.from_config(config)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder)
+    del model
+    for file in tiny.iterdir():
+        if "token" in file.name:
+            shutil.copy(file, folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "found.json"
+    mp.spawn(_load_policy_and_reference, args=(port, str(folder), str(out)), nprocs=2)
+    found = json.loads(out.read_text())
+    added = sum(f["added"] for f in found)
+    print(f"added {[round(f['added'] / 2**30, 3) for f in found]} GiB; weights {2 * nbytes / 2**30:.3f} GiB")
+    assert added <= 1.25 * 2 * nbytes, f"{added / 2**30:.2f} GiB added for {2 * nbytes / 2**30:.2f} GiB of weights"
+    assert found[0]["policy"] == [] and found[0]["reference"] == [], found[0]
+    assert found[0]["policy_inv_freq"] and found[0]["reference_inv_freq"], found[0]
