@@ -297,6 +297,7 @@ def _peak_rss() -> int:
 
 def _load_policy_and_reference(rank: int, port: int, folder: str, out: str) -> None:
     import gc
+    import importlib
 
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -309,8 +310,9 @@ def _load_policy_and_reference(rank: int, port: int, folder: str, out: str) -> N
     try:
         module = DPOModule(model_name_or_path=folder)
         module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))  # as Lightning sets it
-        import accelerate, safetensors.torch, transformers.models.llama.modeling_llama  # noqa: E401, F401 (imports
-        gc.collect()  # are a process's cost, not the model's: not measured)
+        # what loading imports is a cost of the process, not of the model's size: imported before measuring
+        importlib.import_module("accelerate"), importlib.import_module("transformers.models.llama.modeling_llama")
+        gc.collect()
         before = _peak_rss_reset()
         module.configure_model()
         reference = module.reference.model
