@@ -4,7 +4,9 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) is applied in ``configure_model``
 (Lightning's ``ModelParallelStrategy`` with every process in the data-parallel dimension): one FSDP unit
 per decoder layer plus the root, parameters kept in their own dtype (fp32 where trained), gathered in bf16
 for bf16-mixed and gradients reduced in fp32. A frozen DPO reference is sharded the same way, so a 7B
-reference costs each of N GPUs 1/N of its weights.
+reference costs each of N GPUs 1/N of its weights. ``FSDP2Strategy`` settings: HSDP (``replicas``) and gradient
+sync once per accumulation (``reduce_every_micro_batch``); loading straight into the shards is in
+``sharded_loading``. Public torch APIs throughout except where torch has none (``initialize`` says which).
 
 ``full_state_dict`` gathers the trained weights to the first process (full tensors on the CPU) under FSDP2,
 FSDP1 and DeepSpeed alike, so ``fit`` writes the same Hugging Face export under every strategy.

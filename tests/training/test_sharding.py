@@ -340,9 +340,9 @@ def saved_inv_freq(folder: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_fsdp2_loads_policy_and_reference_into_shards_without_a_whole_copy_per_process(tmp_path):
-    """2 gloo processes load a DPO policy and its reference (a saved 170M-parameter Llama, fp32: 0.68 GB each)
+    """2 gloo processes load a DPO policy and its reference (a saved 138M-parameter Llama, fp32: 0.55 GB each)
     under FSDP2: the peak resident memory each process added while loading, summed over both, is at most 1.25
-    times one policy plus one reference (loading whole in each process adds twice that); the shards hold the
+    times one policy plus one reference (measured 1.15; loading whole in each process: 1.6); the shards hold the
     saved weights and the rotary buffers are the model's own."""
     import socket
 
