@@ -60,6 +60,10 @@ def empty_causal_lm(folder: Path, dtype: Optional[str], gradient_checkpointing: 
     index = weight_index(folder)
     if any(name not in index for name, _ in model.named_parameters()):  # tied copies are named once
         return None
+    if (folder / "generation_config.json").is_file():  # as from_pretrained reads it
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.pad_token_id
     if gradient_checkpointing:
