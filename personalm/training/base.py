@@ -198,6 +198,7 @@ class CausalLMModule(L.LightningModule):
             shard(self.model, mesh, self.bf16_compute)
         if streamed is not None:
             fill_shards(self.model, streamable_folder(self.hparams.model_name_or_path), self.shard_device)
+            rank_zero_info(f"[personalm] {self.hparams.model_name_or_path} loaded straight into the shards (FSDP2)")
 
     @property
     def shard_device(self) -> torch.device:

@@ -269,16 +269,30 @@ def test_fsdp2_accumulation_reduced_once_per_step_trains_the_same_weights(small_
     assert_same_export(weights(runs["each_False"]), weights(runs["each_True"]), start_weights)
 
 
+def saved_tiny_llama(folder: Path) -> Path:
+    """The embedded tiny Llama saved with its weights (safetensors) and tokenizer, as an SFT export is."""
+    from personalm.models import resolve
+
+    load_causal_lm("embedded:tiny-llama").save_pretrained(folder)
+    for file in Path(resolve("embedded:tiny-llama")).iterdir():
+        if "token" in file.name:
+            shutil.copy(file, folder)
+    return folder
+
+
 @pytest.mark.slow
 def test_hsdp_on_a_2x2_mesh_trains_the_weights_of_fsdp2(small_compred, tmp_path, start_weights):
     """4 processes: HSDP (2 replicas, each sharded over 2 processes; the sampler over all 4) against FSDP2 over
-    all 4; the same global batches, so the same weights."""
+    all 4; the same global batches, so the same weights. The model comes from a saved folder, so both load it
+    straight into their shards (on the 2x2 mesh: replicated over dim 0, sharded over dim 1)."""
+    model = saved_tiny_llama(tmp_path / "model")
     common = [*DEMO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT, "--trainer.devices=4",
-              "--data.batch_size=2"]
+              "--data.batch_size=2", f"--model.init_args.model_name_or_path={model}"]
     fsdp2 = launch(tmp_path / "fsdp2", *common)
     printed = []
     hsdp = launch(tmp_path / "hsdp", *common, "--trainer.strategy.init_args.replicas=2", output=printed)
     assert "HSDP: 2 replicas, each sharded over 2 processes" in printed[0]
+    assert f"{model} loaded straight into the shards" in printed[0]
     assert_same_export(weights(hsdp), weights(fsdp2), start_weights)
 
 
