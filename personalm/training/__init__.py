@@ -8,6 +8,7 @@ Owns ``base`` (loading, optimizer and schedule, export), ``callbacks`` (tokens/s
 (the vLLM backend, imported only when asked for), ``logprobs``, ``dpo_loss``, ``reference``, ``reference_cache``,
 ``sft``, ``dpo``, ``reward``, ``phase_metrics`` (the per-community metric hooks DPO and the reward model share),
 ``group_robust`` (weights over communities for DPO and the reward model),
-``sharding`` and ``export`` (``python -m personalm export``). May import ``personalm.paths``, ``configs``,
+``sharding`` (FSDP2, HSDP), ``sharded_loading`` (a model loaded straight into its FSDP2 shards) and ``export``
+(``python -m personalm export``). May import ``personalm.paths``, ``configs``,
 ``models``, ``data`` and ``evaluation``; not the CLI or the study.
 """

@@ -21,6 +21,7 @@ from torch import nn
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
 from personalm.paths import is_embedded
 from personalm.training.logprobs import SequenceLogprobs, sequence_logps
+from personalm.training.sharded_loading import empty_causal_lm, fill_shards, streamable_folder
 from personalm.training.sharding import data_parallel_mesh, reshard, shard
 
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
@@ -135,8 +136,15 @@ class Reference:
             return None
         m = self.module
         if not self._frozen:
-            with rng_untouched(m.device):  # loading the reference must not change the training's randomness
-                ref = load_causal_lm(self.source, self.dtype)
+            mesh = data_parallel_mesh(m)
+            # FSDP2: filled shard by shard from its files (not when precomputing: the cache key needs it whole)
+            folder = streamable_folder(self.source) if mesh is not None and not m.hparams.precompute_reference \
+                else None
+            ref = empty_causal_lm(folder, self.dtype) if folder is not None else None
+            if ref is None:
+                folder = None
+                with rng_untouched(m.device):  # loading the reference must not change the training's randomness
+                    ref = load_causal_lm(self.source, self.dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
                 ref = merge_lora_in_fp32(ref)
             if ref.get_input_embeddings().num_embeddings != m.model.get_input_embeddings().num_embeddings:
@@ -146,10 +154,11 @@ class Reference:
             ref.eval().requires_grad_(False)
             if m.hparams.precompute_reference:
                 self.fingerprint = model_fingerprint(ref)
-            mesh = data_parallel_mesh(m)
             if mesh is not None:  # FSDP2: each process holds 1/N of the reference too
                 shard(ref, mesh, m.bf16_compute)
                 rank_zero_info(f"[personalm] the reference is sharded over {mesh.size()} processes (FSDP2)")
+            if folder is not None:
+                fill_shards(ref, folder, m.shard_device)
             self._frozen.append(ref)
         ref = self._frozen[0]
         if ref.device != m.device:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from personalm.models import LoraSettings, load_causal_lm
@@ -230,3 +231,159 @@ def test_a_frozen_reference_is_sharded_again_after_it_scored_root_included(tmp_p
     found = json.loads(out.read_text())
     assert found["reference"] == [] and found["same"], found
     assert "model.embed_tokens.weight" in found["plain"], found  # the check can tell
+
+
+class RecordReducedGrads(Callback):
+    """After each micro-batch's backward: did the first trained weight's shard get a gradient? (FSDP2 writes it
+    when it reduce-scatters; not while gradient sync is off.) Written by the first process at the end."""
+
+    def __init__(self, path: str):
+        self.path, self.seen = path, []
+
+    def on_after_backward(self, trainer, module):
+        first = next(p for p in module.model.parameters() if p.requires_grad)
+        self.seen.append(first.grad is not None)
+
+    def on_train_end(self, trainer, module):
+        if trainer.is_global_zero:
+            Path(self.path).write_text(json.dumps(self.seen))
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_reduced_once_per_step_trains_the_same_weights(small_compred, tmp_path, start_weights):
+    """Accumulation over 4 micro-batches on 2 processes: with ``reduce_every_micro_batch: false`` the gradients
+    are reduce-scattered after the 4th only (none reach the shards before: sync really was off), and the weights
+    equal those of a reduce-scatter after every micro-batch."""
+    runs, seen = {}, {}
+    for reduce_each in (True, False):
+        name = f"each_{reduce_each}"
+        record = tmp_path / f"{name}.json"
+        callback = {"class_path": "tests.training.test_sharding.RecordReducedGrads", "init_args": {"path": str(record)}}
+        runs[name] = launch(tmp_path / name, *DEMO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT,
+                            "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=4", "--data.batch_size=2",
+                            f"--trainer.strategy.init_args.reduce_every_micro_batch={str(reduce_each).lower()}",
+                            f"--trainer.callbacks+={json.dumps(callback)}")
+        seen[name] = json.loads(record.read_text())
+    assert seen["each_True"] == [True] * 8, seen
+    assert seen["each_False"] == [False, False, False, True] * 2, seen
+    assert_same_export(weights(runs["each_False"]), weights(runs["each_True"]), start_weights)
+
+
+def saved_tiny_llama(folder: Path) -> Path:
+    """The embedded tiny Llama saved with its weights (safetensors) and tokenizer, as an SFT export is."""
+    from personalm.models import resolve
+
+    load_causal_lm("embedded:tiny-llama").save_pretrained(folder)
+    for file in Path(resolve("embedded:tiny-llama")).iterdir():
+        if "token" in file.name:
+            shutil.copy(file, folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_2x2_mesh_trains_the_weights_of_fsdp2(small_compred, tmp_path, start_weights):
+    """4 processes: HSDP (2 replicas, each sharded over 2 processes; the sampler over all 4) against FSDP2 over
+    all 4; the same global batches, so the same weights. The model comes from a saved folder, so both load it
+    straight into their shards (on the 2x2 mesh: replicated over dim 0, sharded over dim 1)."""
+    model = saved_tiny_llama(tmp_path / "model")
+    common = [*DEMO, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT, "--trainer.devices=4",
+              "--data.batch_size=2", f"--model.init_args.model_name_or_path={model}"]
+    fsdp2 = launch(tmp_path / "fsdp2", *common)
+    printed = []
+    hsdp = launch(tmp_path / "hsdp", *common, "--trainer.strategy.init_args.replicas=2", output=printed)
+    assert "HSDP: 2 replicas, each sharded over 2 processes" in printed[0]
+    assert f"{model} loaded straight into the shards" in printed[0]
+    assert_same_export(weights(hsdp), weights(fsdp2), start_weights)
+
+
+def _peak_rss_reset() -> int:
+    """Reset this process's peak resident set size (Linux: ``clear_refs`` 5) and return the current one."""
+    import psutil
+
+    Path("/proc/self/clear_refs").write_text("5")
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def _load_policy_and_reference(rank: int, port: int, folder: str, out: str) -> None:
+    import gc
+    import importlib
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from personalm.training.dpo import DPOModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        module = DPOModule(model_name_or_path=folder)
+        module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))  # as Lightning sets it
+        # what loading imports is a cost of the process, not of the model's size: imported before measuring
+        importlib.import_module("accelerate"), importlib.import_module("transformers.models.llama.modeling_llama")
+        gc.collect()
+        before = _peak_rss_reset()
+        module.configure_model()
+        reference = module.reference.model
+        added = _peak_rss() - before
+        found = {"added": added}
+        for name, model in (("policy", module.model), ("reference", reference)):
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                saved = load_file(Path(folder) / "model.safetensors")
+                found[name] = [k for k in saved if not torch.equal(full[k], saved[k])] + sorted(saved.keys() ^ full)
+                found[f"{name}_inv_freq"] = torch.equal(model.model.rotary_emb.inv_freq, saved_inv_freq(folder))
+        gathered = [None, None]
+        dist.all_gather_object(gathered, found)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def saved_inv_freq(folder: str) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).model.rotary_emb.inv_freq
+
+
+@pytest.mark.slow
+def test_fsdp2_loads_policy_and_reference_into_shards_without_a_whole_copy_per_process(tmp_path):
+    """2 gloo processes load a DPO policy and its reference (a saved 138M-parameter Llama, fp32: 0.55 GB each)
+    under FSDP2: the peak resident memory each process added while loading, summed over both, is at most 1.25
+    times one policy plus one reference (measured 1.15; loading whole in each process: 1.6); the shards hold the
+    saved weights and the rotary buffers are the model's own."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from personalm.models import resolve
+
+    tiny = Path(resolve("embedded:tiny-llama"))
+    config = AutoConfig.from_pretrained(tiny, hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
+                                        num_attention_heads=8, num_key_value_heads=8)
+    folder = tmp_path / "llama"
+    model = AutoModelForCausalLM.from_config(config)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder)
+    del model
+    for file in tiny.iterdir():
+        if "token" in file.name:
+            shutil.copy(file, folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "found.json"
+    mp.spawn(_load_policy_and_reference, args=(port, str(folder), str(out)), nprocs=2)
+    found = json.loads(out.read_text())
+    added = sum(f["added"] for f in found)
+    print(f"added {[round(f['added'] / 2**30, 3) for f in found]} GiB; weights {2 * nbytes / 2**30:.3f} GiB")
+    assert added <= 1.25 * 2 * nbytes, f"{added / 2**30:.2f} GiB added for {2 * nbytes / 2**30:.2f} GiB of weights"
+    assert found[0]["policy"] == [] and found[0]["reference"] == [], found[0]
+    assert found[0]["policy_inv_freq"] and found[0]["reference_inv_freq"], found[0]
