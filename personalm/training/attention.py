@@ -89,14 +89,20 @@ def _base(model: nn.Module) -> nn.Module:
 def _observed(model: nn.Module, forward: Callable[[], T], where: str) -> T:
     """``forward()``; the first time for ``model`` (or after a change of kernel), the kernel it ran is said."""
     base = _base(model)
-    if getattr(base, KERNEL, None) == where:
+    if getattr(base, KERNEL, (None,))[0] == where:
         return forward()
     with _SeenKernels() as seen:
         out = forward()
     kernels = ", ".join(sorted(set(seen.kernels))) or "none (no scaled_dot_product_attention call)"
     MESSAGES.info(f"[personalm] packed rows attend with SDPA kernel {kernels} ({where})")
-    setattr(base, KERNEL, where)
+    setattr(base, KERNEL, (where, kernels))
     return out
+
+
+def kernel_used(model: nn.Module) -> Optional[str]:
+    """The SDPA kernel(s) the model's packed rows ran under last said, and where; None before."""
+    said = getattr(_base(model), KERNEL, None)
+    return None if said is None else f"{said[1]} ({said[0]})"
 
 
 def _no_kernel(error: RuntimeError) -> bool:
