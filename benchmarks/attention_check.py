@@ -70,7 +70,7 @@ def check(model, rows, steps: int = 3, warmup: int = 1, wide: int = 4096) -> dic
     import torch
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    from personalm.training.attention import kernel_used, use_attention
+    from personalm.training.attention import KERNEL, kernel_used, use_attention
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -89,6 +89,7 @@ def check(model, rows, steps: int = 3, warmup: int = 1, wide: int = 4096) -> dic
         values[implementation] = (logps.sum.detach(), losses.detach(), grads)
         if implementation == "sdpa":
             out["sdpa_kernel"] = kernel_used(model)
+            delattr(model, KERNEL)  # said again under autocast below
     (a, la, ga), (b, lb, gb) = values["sdpa"], values["flex_attention"]
     out["fp32_logp_max_abs_diff"] = float((a - b).abs().max())
     out["fp32_loss_max_abs_diff"] = float((la - lb).abs().max())
@@ -103,15 +104,18 @@ def check(model, rows, steps: int = 3, warmup: int = 1, wide: int = 4096) -> dic
         for implementation in ("sdpa", "flex_attention"):
             use_attention(model, implementation)
             out[f"s/step {implementation}, budget {name}"] = _step_seconds(model, batch, n, steps, warmup, cuda, cuda)
+            if implementation == "sdpa" and budget is None:
+                out["sdpa_kernel_autocast"] = kernel_used(model)
     use_attention(model, "sdpa")
     return out
 
 
 def report(out: dict) -> None:
-    print(f"\n[attention] {out['pairs']} prefix-shared pairs on {out['device']}; SDPA kernel: {out['sdpa_kernel']}")
+    print(f"\n[attention] {out['pairs']} prefix-shared pairs on {out['device']}; SDPA kernel: {out['sdpa_kernel']} "
+          f"(fp32), {out.get('sdpa_kernel_autocast')} (bf16 autocast on CUDA)")
     print("| measure | value |\n|---|---:|")
     for k, v in out.items():
-        if k not in ("pairs", "device", "sdpa_kernel"):
+        if k not in ("pairs", "device", "sdpa_kernel", "sdpa_kernel_autocast"):
             print(f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |")
     sys.stdout.flush()
 
