@@ -127,3 +127,14 @@ def test_flex_attention_packed_rows_equal_the_dense_packed_rows():
     assert_close(b.sum, a.sum, atol=1e-5, rtol=0)
     assert_close(-b.sum.sum() / b.tokens.sum(), -a.sum.sum() / a.tokens.sum(), atol=1e-5, rtol=0)
     assert (a.sum[a.tokens > 0].abs() > 1).all()  # real log-probs compared, not zeros
+
+
+def test_the_attention_setting_reaches_the_loaded_model():
+    """``model.attention`` sets the loaded model's implementation (None keeps the loaded one, SDPA)."""
+    from personalm.training.sft import SFTModule
+
+    flex, default = SFTModule(attention="flex_attention"), SFTModule()
+    flex.configure_model()
+    default.configure_model()
+    assert flex.model.config._attn_implementation == "flex_attention"
+    assert default.model.config._attn_implementation == "sdpa"
