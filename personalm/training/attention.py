@@ -134,9 +134,9 @@ def attend(model: nn.Module, forward: Callable[[], T], device_type: str,
                 raise
             cause = "; ".join([str(w.message).strip() for w in caught] + [str(error).strip()])
             out = None
-    for w in caught:  # the forward's other warnings, passed on
+    for w in caught:  # the forward's other warnings, passed on (shown as the filters say, once by default)
         if out is not None or w.category is not UserWarning:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            warnings.warn(w.message, stacklevel=2)
     if out is not None:
         return out
     MESSAGES.warn(f"[personalm] no fused SDPA kernel ({names}) runs these packed rows, so they fall back to the "

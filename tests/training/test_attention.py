@@ -138,3 +138,13 @@ def test_the_attention_setting_reaches_the_loaded_model():
     default.configure_model()
     assert flex.model.config._attn_implementation == "flex_attention"
     assert default.model.config._attn_implementation == "sdpa"
+
+
+def test_the_forwards_own_warnings_are_passed_on():
+    """The warnings caught while a CUDA forward runs (to name a fallback's cause) reach the caller when it ran."""
+    def forward():
+        warnings.warn("from the forward", FutureWarning)
+        return 1
+
+    with pytest.warns(FutureWarning, match="from the forward"):
+        assert attention.attend(llama("sdpa"), forward, "cuda") == 1
