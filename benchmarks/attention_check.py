@@ -3,8 +3,8 @@
     python benchmarks/attention_check.py                 # a tiny random Llama on a CPU: forward only, one shape
     python benchmarks/gpu_check.py                       # on CUDA, this runs on the GPU check's model and rows
 
-On prefix-shared DPO pairs (``collate_preference(prefix_sharing=True)``), one model whose attention is switched
-between ``sdpa`` and ``flex_attention`` (same weights):
+On prefix-shared DPO pairs (``collate_preference(pair_packing="prefix_shared")``), one model whose attention is
+switched between ``sdpa`` and ``flex_attention`` (same weights):
 
 1. fp32: the pairs' log-probs and DPO losses under both, and on CUDA the gradients of every weight (max abs diff;
    FlexAttention has no backward on a CPU in torch 2.13, so a CPU compares forwards only);
@@ -31,7 +31,7 @@ def _pairs(rows, budget):
     from personalm.data.collate import collate_preference
 
     return collate_preference([{**r, "community": "c", "index": i} for i, r in enumerate(rows)], pad_id=0,
-                              prefix_sharing=True, pack_tokens=budget)
+                              pair_packing="prefix_shared", pack_tokens=budget)
 
 
 def _loss(model, batch, n):

@@ -20,19 +20,20 @@ from tests.training.test_logprobs import llama, pair_rows
 def layouts():
     """Prefix-shared pairs and packed SFT examples, several per row, with padding at the end of some rows."""
     rows = pair_rows()
-    pairs = collate_preference(rows, pad_id=0, prefix_sharing=True, pack_tokens=96)["packed"]
+    pairs = collate_preference(rows, pad_id=0, pair_packing="prefix_shared", pack_tokens=96)["packed"]
+    two_spans = collate_preference(rows, pad_id=0, pair_packing="two_spans", pack_tokens=96)["packed"]
     sft = collate_sft(rows, pad_id=0, pack=True, pack_tokens=64)["packed"]
-    return {"pairs": pairs, "sft": sft}
+    return {"pairs": pairs, "two_spans": two_spans, "sft": sft}
 
 
-@pytest.mark.parametrize("kind", ["pairs", "sft"])
+@pytest.mark.parametrize("kind", ["pairs", "two_spans", "sft"])
 def test_flex_mask_rule_equals_the_dense_mask(kind):
     """``mask_mod`` evaluated at every (row, query, key) == ``attention_mask_4d``; the layout really has several
     spans, both branches and padding in a row, so each clause of the rule is exercised."""
     layout = layouts()[kind]
     group, branch = layout["group"], layout["branch"]
     assert (group == -1).any() and group.max() >= 1
-    assert kind == "sft" or set(branch.unique().tolist()) == {0, 1, 2}
+    assert kind != "pairs" or set(branch.unique().tolist()) == {0, 1, 2}
     rows, t = group.shape
     b, q, k = torch.arange(rows)[:, None, None], torch.arange(t)[None, :, None], torch.arange(t)[None, None, :]
     rule = attention.mask_mod(group, branch)(b, 0, q, k)
@@ -115,7 +116,7 @@ def test_flex_attention_packed_rows_equal_the_dense_packed_rows():
     dense, flex = llama("sdpa"), llama("sdpa")
     attention.use_attention(flex, "flex_attention")
     assert flex.config._attn_implementation == "flex_attention" and dense.config._attn_implementation == "sdpa"
-    batch = collate_preference(pair_rows(), pad_id=0, prefix_sharing=True, pack_tokens=96)
+    batch = collate_preference(pair_rows(), pad_id=0, pair_packing="prefix_shared", pack_tokens=96)
     with torch.no_grad():
         a, b = sequence_logps(dense, batch, chunk=16), sequence_logps(flex, batch, chunk=16)
         assert_close(b.sum, a.sum, atol=1e-5, rtol=0)
