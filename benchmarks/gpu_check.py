@@ -16,7 +16,9 @@ and runs, in ``bf16-mixed`` with gradient checkpointing and the paper's lengths 
    again for a few steps with the reference's root left unsharded after its forward (peak memory
    with and without resharding), and DPO with LoRA for 10 steps, logging every 4th, with
    ``torch.cuda.set_sync_debug_mode("warn")``: host syncs per step, between logging steps and at them;
-5. generation from the SFT export, Hugging Face ``generate`` against vLLM in bf16 (benchmarks/generation_speed.py;
+5. packed rows' attention: the SDPA kernel that ran, FlexAttention against SDPA (fp32 gradients, time per
+   step; benchmarks/attention_check.py; CUDA only);
+6. generation from the SFT export, Hugging Face ``generate`` against vLLM in bf16 (benchmarks/generation_speed.py;
    where vLLM is not installed, as in the lent machines' environment, its side is skipped and it says so).
 
 For each it prints tokens/s (non-padding tokens of the batch, over the steps after the warm-up), MFU
@@ -330,6 +332,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epoch-pairs", type=int, default=None,
                         help="then benchmarks/epoch_vs_trl.py, one epoch of this many pairs per run, in the run's "
                              "precision (default: 256 on a GPU; none on a CPU, where that script runs by itself)")
+    parser.add_argument("--attention-pairs", type=int, default=4,
+                        help="pairs for the attention section (benchmarks/attention_check.py; CUDA only; 0: none)")
     args = parser.parse_args(argv)
 
     import torch
@@ -406,6 +410,7 @@ def main(argv=None) -> dict:
 
     report(results, device, args, n_params, time.perf_counter() - began, peak)
     results["host syncs"] = syncs
+    results["attention"] = attention(args, start, rows, cuda)
     prompts = args.generation_prompts if args.generation_prompts is not None else (128 if cuda else 0)
     if prompts:  # generation tokens/s, HF against vLLM (skipped, and said, where vLLM is not installed)
         import generation_speed
@@ -428,6 +433,29 @@ def main(argv=None) -> dict:
     (out / "gpu_check.json").write_text(json.dumps({"device": device, "size": args.size, "parameters": n_params,
                                                     "results": results}, indent=2))
     return results
+
+
+def attention(args, model_dir: str, rows, cuda: bool) -> dict:
+    """benchmarks/attention_check.py on the SFT export in fp32 and the DPO run's rows: the SDPA kernel that ran,
+    FlexAttention against SDPA (gradients, time per step). On a CPU, skipped (no FlexAttention backward there)."""
+    if not cuda or not args.attention_pairs:
+        print("\n[gpu_check] attention: skipped (" + ("no CUDA; FlexAttention has no backward on a CPU, "
+              "tests/training/test_attention.py compares its forward" if not cuda else "--attention-pairs 0") + ")")
+        return {"skipped": True}
+    import attention_check
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    began = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+    out = attention_check.check(model, [rows[i] for i in range(min(args.attention_pairs, len(rows)))], steps=3,
+                                warmup=2, wide=4 * args.max_length)
+    out["seconds"] = time.perf_counter() - began
+    attention_check.report(out)
+    del model
+    return out
 
 
 def report(results: dict, device: str, args, n_params: int, seconds: float, peak) -> None:

@@ -28,6 +28,7 @@ def test_gpu_check_tiny_setting_runs_on_cpu(tmp_path):
     assert "| sft_export | 4 (" in proc.stdout and "| bfloat16 |" in proc.stdout
     results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
     generation = results.pop("generation")
+    assert results.pop("attention") == {"skipped": True} and "attention: skipped (no CUDA" in proc.stdout
     assert generation["sft_export bfloat16 hf"]["new_tokens"] > 0
     syncs = results.pop("host syncs")  # counted on CUDA only; here the run and its logging-step labels
     assert syncs == {"observed": False, "steps": 8, "other_steps_max": 0, "other_steps_total": 0, "logging_steps": 2,

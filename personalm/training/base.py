@@ -20,6 +20,7 @@ from personalm.models import (
     load_tokenizer,
     upcast_trainable,
 )
+from personalm.training.attention import use_attention
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
 from personalm.training.generation import GenerationSettings, VLLMSettings
 from personalm.training.logprobs import runs_packed_rows
@@ -63,6 +64,9 @@ class CausalLMModule(L.LightningModule):
         logprob_chunk: response positions per chunk of the LM head when scoring log-probs (SFT and DPO):
             the logits of one chunk at a time, recomputed in backward, never ``[tokens, vocab]`` at once.
             None: the head over all positions at once (the old path, also for packed rows).
+        attention: the model's attention implementation: None keeps the loaded one (``sdpa``; packed rows then run
+            a fused SDPA kernel on CUDA, a fallback to math is warned); ``flex_attention``: packed rows under a
+            BlockMask (personalm/training/attention.py); it trains on CUDA only (no backward on a CPU in torch 2.13).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class CausalLMModule(L.LightningModule):
         export_dir: Optional[str] = None,
         generation: GenerationSettings = GenerationSettings(),
         logprob_chunk: Optional[int] = 1024,
+        attention: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -188,6 +193,7 @@ class CausalLMModule(L.LightningModule):
         mesh = data_parallel_mesh(self)
         streamed = self.empty_model() if mesh is not None else None  # FSDP2: only this process's shards in memory
         self.model = streamed or self.load_model()
+        use_attention(self.model, self.hparams.get("attention"))
         if self.training_run:
             self._hold_trainable_in_fp32(self.model, say=True)
             self._check_loaded_precision()

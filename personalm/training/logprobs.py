@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from personalm.data.encoding import IGNORE_INDEX
 from personalm.data.packing import attention_mask_4d, padded_targets
+from personalm.training.attention import FLEX, attend, block_mask
 
 
 class SequenceLogprobs(NamedTuple):
@@ -79,7 +80,8 @@ def model_logprobs(model: nn.Module, seqs: dict) -> SequenceLogprobs:
 
 # -------------------------------------------------------------------------- hidden states, chunked head
 
-MASKS = {"sdpa": None, "eager": torch.float32}  # attention implementations that take a 4D mask: its dtype
+# attention implementations that take a custom mask: its dtype (None: boolean; FlexAttention: a BlockMask)
+MASKS = {"sdpa": None, "eager": torch.float32, FLEX: None}
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_softcapping", "logit_scale", "logits_scaling")
 
 
@@ -152,18 +154,27 @@ def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
                       for h, t in zip(hidden.split(chunk), targets.split(chunk))])
 
 
+def packed_mask(model: nn.Module, group: torch.Tensor, branch: torch.Tensor):
+    """The mask of packed rows as the model's attention takes it: dense 4D (SDPA, eager) or a ``BlockMask``."""
+    implementation = _base(model).config._attn_implementation
+    if implementation == FLEX:
+        return block_mask(group, branch)
+    return attention_mask_4d(group, branch, MASKS[implementation])
+
+
 def layout_logprobs(model: nn.Module, layout: dict, chunk: Optional[int]) -> SequenceLogprobs:
     """Sequence log-probs of the ``target_*`` of a layout: packed rows (``group``/``branch``: a 4D mask) or
-    a padded batch (``attention_mask``)."""
+    a padded batch (``attention_mask``); a custom mask's forward runs under ``personalm.training.attention.attend``."""
     if "group" in layout:
-        mask = attention_mask_4d(layout["group"], layout["branch"], MASKS[_base(model).config._attn_implementation])
-        hidden = final_hidden_states(model, layout["input_ids"], mask, layout["position_ids"])
+        mask = packed_mask(model, layout["group"], layout["branch"])
+        hidden = attend(model, lambda: final_hidden_states(model, layout["input_ids"], mask, layout["position_ids"]),
+                        layout["input_ids"].device.type)
     elif takes_4d_mask(model):  # the padded rows' own 4D mask: transformers then checks no 2D mask on the host
-        mask = layout["attention_mask"]
-        group = (mask.long() - 1)  # 0: a token, -1: padding (sees only earlier padding, so no row is all masked)
-        mask = attention_mask_4d(group, torch.zeros_like(group), MASKS[_base(model).config._attn_implementation])
+        group = (layout["attention_mask"].long() - 1)  # 0: a token, -1: padding (sees only earlier padding, so no
+        mask = packed_mask(model, group, torch.zeros_like(group))  # row is all masked)
         positions = torch.arange(group.size(1), device=group.device).expand_as(group)  # right-padded: 0, 1, ...
-        hidden = final_hidden_states(model, layout["input_ids"], mask, positions)
+        hidden = attend(model, lambda: final_hidden_states(model, layout["input_ids"], mask, positions),
+                        group.device.type)
     else:
         hidden = final_hidden_states(model, layout["input_ids"], layout["attention_mask"])
     picked = hidden.reshape(-1, hidden.size(-1))[layout["target_source"]]

@@ -20,6 +20,7 @@ from torch import nn
 
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
 from personalm.paths import is_embedded
+from personalm.training.attention import use_attention
 from personalm.training.logprobs import SequenceLogprobs, sequence_logps
 from personalm.training.sharded_loading import empty_causal_lm, fill_shards, streamable_folder
 from personalm.training.sharding import data_parallel_mesh, reshard, shard
@@ -147,6 +148,7 @@ class Reference:
                     ref = load_causal_lm(self.source, self.dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
                 ref = merge_lora_in_fp32(ref)
+            use_attention(ref, m.hparams.get("attention"))  # the policy's attention implementation
             if ref.get_input_embeddings().num_embeddings != m.model.get_input_embeddings().num_embeddings:
                 raise ValueError("reference and policy have different vocabulary sizes")
             if m.hparams.disable_dropout:
