@@ -155,8 +155,6 @@ def lightning_callback(measure: Measure):
 
 def run_personalm(name: str, config: str, args, base: str, out: Path, extra: list[str], measure: Measure,
                   strategy: str = None):
-    import personalm.dpo  # noqa: F401
-    import personalm.sft  # noqa: F401
     from personalm.cli import PersonalmCLI
 
     configs = ["--config", str(REPO / "configs" / "trainer" / "cpu.yaml")]

@@ -1,10 +1,8 @@
 """The layers of the package, read from the imports: a lower layer never imports a higher one.
 
-    paths, configs < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
+    paths, configs < models < data < evaluation < training < cli < study < __main__
 
-(the study drives the CLI; ``__main__`` routes to the CLI or the export command; ``personalm.sft``,
-``personalm.dpo``, ``personalm.reward``, ``personalm.lm_module`` and ``personalm.sharding`` stay where configs and
-checkpoints name them).
+(the study drives the CLI; ``__main__`` routes to the CLI or the export command).
 """
 
 import ast
@@ -16,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "personalm"
 LAYERS = ["personalm.paths", "personalm.models", "personalm.data", "personalm.evaluation", "personalm.training",
           "personalm.cli", "personalm.study"]
-TOP = len(LAYERS)  # __main__, the package itself and the modules kept where configs name them
+TOP = len(LAYERS)  # __main__ and the package itself
 
 
 def layer(module: str) -> int:
@@ -95,18 +93,3 @@ def test_every_subpackage_says_what_it_owns_and_may_import():
         named = {m for m in re.findall(r"``(\w+)``", doc.split("May import")[0])}
         assert modules <= named, f"{prefix}: its docstring does not name {sorted(modules - named)}"
 
-
-@pytest.mark.parametrize("old, new", [
-    ("personalm.sft.SFTModule", "personalm.training.sft.SFTModule"),
-    ("personalm.dpo.DPOModule", "personalm.training.dpo.DPOModule"),
-    ("personalm.reward.RewardModule", "personalm.training.reward.RewardModule"),
-    ("personalm.lm_module.CausalLMModule", "personalm.training.base.CausalLMModule"),
-    ("personalm.sharding.FSDP2Strategy", "personalm.training.sharding.FSDP2Strategy"),
-])
-def test_class_paths_that_configs_and_checkpoints_name_still_work(old, new):
-    import importlib
-
-    def get(path):
-        module, name = path.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)
-    assert get(old) is get(new)

@@ -21,18 +21,12 @@ from personalm.models import (
     upcast_trainable,
 )
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
-from personalm.training.generation import GenerationSettings, VLLMSettings
+from personalm.training.generation import GenerationSettings
 from personalm.training.logprobs import runs_packed_rows
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
 HALF = ("bfloat16", "float16")
-
-# Checkpoints written before hyperparameters were plain data hold these settings as objects, pickled under the
-# paths they had then; torch.load(weights_only=True) (Lightning, LightningCLI) may rebuild them.
-torch.serialization.add_safe_globals([
-    GenerationSettings, VLLMSettings, LoraSettings, (GenerationSettings, "personalm.lm_module.GenerationSettings"),
-    (LoraSettings, "personalm.models.LoraSettings")])
 
 
 class CausalLMModule(L.LightningModule):
