@@ -4,7 +4,8 @@ resuming, sharded strategies (FSDP2) and the export command.
 
 Owns ``base`` (loading, optimizer and schedule, export), ``callbacks`` (tokens/s, NaN guard), ``checkpoints``
 (step and time checkpoints, ``last.ckpt``), ``resume`` (RNG states, LoRA checkpoints, the schedule's length),
-``generation`` (``predict``: settings, the HF backend, the row-wise repetition penalty), ``vllm_generation``
+``decoding`` (``predict``'s settings for both backends, where a response ends), ``generation`` (``predict``: the
+HF backend, the row-wise repetition penalty), ``vllm_generation``
 (the vLLM backend, imported only when asked for), ``logprobs``, ``dpo_loss``, ``reference``, ``reference_cache``,
 ``sft``, ``dpo``, ``reward``, ``phase_metrics`` (the per-community metric hooks DPO and the reward model share),
 ``group_robust`` (weights over communities for DPO and the reward model),

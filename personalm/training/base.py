@@ -21,7 +21,7 @@ from personalm.models import (
     upcast_trainable,
 )
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
-from personalm.training.generation import GenerationSettings
+from personalm.training.decoding import GenerationSettings
 from personalm.training.logprobs import runs_packed_rows
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
