@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from personalm.data.prompt import subreddit
 from personalm.models.embedded import MODEL_DIR, lookup
 from personalm.paths import cache_root
 
@@ -272,7 +273,7 @@ def corpus(seed: int = 0) -> Iterator[str]:
     """Every text the synthetic data can hold, for training the embedded tokenizer."""
     for subset in ("finance", "history"):
         for post in posts(subset, "train_pref", 200, seed):
-            yield f"r/{post['community']}\n{post['title']}\n{post['history']}"
+            yield f"{subreddit(post['community'])}\n{post['title']}\n{post['history']}"
             yield from (text for text, _ in post["comments"])
 
 

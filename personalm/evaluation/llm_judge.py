@@ -39,6 +39,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Literal, Optional, Sequence
 
+from personalm.data.prompt import subreddit
 from personalm.evaluation.judge import Comparison, Verdict
 from personalm.evaluation.verdicts import VerdictStore
 
@@ -84,13 +85,9 @@ def _origin(url: str) -> tuple:
     return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def _community(community: str) -> str:
-    return community if community.startswith("r/") else f"r/{community}"
-
-
 def build_messages(item: Comparison, first: str, second: str) -> list[dict[str, str]]:
     """Chat messages asking which of ``first`` (shown as A) and ``second`` (B) ``item.community`` upvotes more."""
-    community = _community(item.community)
+    community = subreddit(item.community)
     user = (
         f"Here is a post in {community}.\n\nTitle: {item.title}\n\nPost: {item.post}\n\n"
         f"Comment A:\n{first}\n\nComment B:\n{second}\n\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from personalm.data.prompt import subreddit
 from personalm.training.decoding import GenerationSettings, until_eos
 from personalm.training.sharding import is_sharded
 
@@ -108,7 +109,7 @@ class Generates:
         prompt_texts = tok.batch_decode(prompts, skip_special_tokens=True)
         return [
             {"index": int(batch["index"][i]), "post_id": batch["post_id"][i],
-             "community": f"r/{batch['community'][i]}", "prompt_community": batch["prompt_community"][i],
+             "community": subreddit(batch["community"][i]), "prompt_community": batch["prompt_community"][i],
              "title": batch["title"][i], "post": batch["post"][i], "prompt": prompt_texts[i],
              "response": responses[i]}
             for i in range(len(responses))
