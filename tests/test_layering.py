@@ -1,6 +1,6 @@
 """The layers of the package, read from the imports: a lower layer never imports a higher one.
 
-    paths, configs < models < data < evaluation < training < cli < study < __main__
+    paths, configs, jsonl < models < data < evaluation < training < cli < study < __main__
 
 (the study drives the CLI; ``__main__`` routes to the CLI or the export command).
 """
@@ -18,7 +18,7 @@ TOP = len(LAYERS)  # __main__ and the package itself
 
 
 def layer(module: str) -> int:
-    if module == "personalm.configs":  # beside paths: imports nothing of personalm
+    if module in ("personalm.configs", "personalm.jsonl"):  # beside paths
         return 0
     for i, prefix in enumerate(LAYERS):
         if module == prefix or module.startswith(prefix + "."):

@@ -17,7 +17,6 @@ random, ``labels`` 1 when A is preferred), and the files are written in the Hub 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from personalm.data.prompt import subreddit
+from personalm.jsonl import write_jsonl
 from personalm.models.embedded import MODEL_DIR, lookup
 from personalm.paths import cache_root
 
@@ -234,16 +234,6 @@ def prompt_rows(subset: str, n_posts: int, seed: int = 0, lengths: Optional[Leng
         for rank in range(1, 4):
             yield {"rank": rank, "only_comment": False, "domain": post["community"], "post_id": post["post_id"],
                    "title": post["title"], "history": post["history"]}
-
-
-def write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-            n += 1
-    return n
 
 
 def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0,
