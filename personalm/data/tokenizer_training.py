@@ -21,7 +21,7 @@ def corpus(seed: int = 0) -> Iterator[str]:
 
 def build_tokenizer(out_dir: Path = MODEL_DIR, vocab_size: int = 1024) -> None:
     """Train the embedded byte-level BPE tokenizer on the synthetic corpus (deterministic); it is shipped in
-    ``personalm/models/tiny-llama``: ``python -m personalm.data.synthetic`` rebuilds it."""
+    ``personalm/models/tiny-llama``: ``python -m personalm.data.tokenizer_training`` rebuilds it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
