@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from personalm.data.synthetic_texts import _FILLER, _RANKINGS, SUBSETS
+from personalm.data.synthetic_texts import FILLER, RANKINGS, SUBSETS
 from personalm.jsonl import write_jsonl
 from personalm.models.embedded import lookup
 from personalm.paths import cache_root
@@ -63,7 +63,7 @@ def _pad_to(rng: random.Random, text: str, words: int) -> str:
     """``text`` followed by neutral sentences until it holds about ``words`` words."""
     parts, n = [text] if text else [], len(text.split())
     while n < words:
-        sentence = rng.choice(_FILLER)
+        sentence = rng.choice(FILLER)
         parts.append(sentence)
         n += len(sentence.split())
     return " ".join(parts)
@@ -90,7 +90,7 @@ def posts(subset: str, split: str, n_posts: int, seed: int = 0,
     rng = random.Random(f"{seed}:{subset}:{split}")
     longer = random.Random(f"{seed}:{subset}:{split}:lengths")  # its own draws: the demo's rows stay as they are
     for ci, community in enumerate(spec["communities"]):
-        ranking = spec.get("rankings", _RANKINGS)[ci]
+        ranking = spec.get("rankings", RANKINGS)[ci]
         share = spec.get("train_share", {}).get(community, 1.0) if split == "train_pref" else 1.0
         for p in range(round(n_posts * share)):
             title, history = _post(rng, spec)

@@ -3,7 +3,7 @@ comment styles, the rankings of the styles, and the neutral sentences that lengt
 
 # Each community's ranking of the three styles (best first). Across the four rankings
 # (0,2,1) (1,2,0) (2,1,0) (0,1,2) every pair of styles is won 2:2, so no style is better "on Reddit".
-_RANKINGS = [(0, 2, 1), (1, 2, 0), (2, 1, 0), (0, 1, 2)]
+RANKINGS = [(0, 2, 1), (1, 2, 0), (2, 1, 0), (0, 1, 2)]
 
 SUBSETS = {
     "finance": {
@@ -79,7 +79,7 @@ SUBSETS["minority"] = {
 }
 
 
-_FILLER = ["I have been thinking about this for a while now.", "There are a few things worth keeping in mind here.",
+FILLER = ["I have been thinking about this for a while now.", "There are a few things worth keeping in mind here.",
            "It depends a lot on the details, of course.", "Some people will tell you otherwise, and that is fine.",
            "I went through something similar a few years ago.", "Take this with a grain of salt.",
            "The short version is that it is complicated.", "To be honest I was surprised when I first looked into it.",
