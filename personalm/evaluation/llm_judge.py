@@ -20,9 +20,9 @@ Calls go through the ``openai`` client, ``concurrency`` at a time, with our own 
 - an item the endpoint refuses (HTTP 400, 413, 422: a content filter, say) is a failed verdict, reported; 401,
   403 and 404 abort at once; 408, 429, 5xx, timeouts and connection errors are retried with backoff.
 
-Items are judged in a seeded random order stratified by community (``judging_order``): where ``max_calls`` runs
-out, the items judged are a random sample with every community in it and each in proportion, not the first
-posts by id.
+Items are judged in a seeded random order stratified by community (``llm_prompt.judging_order``): where
+``max_calls`` runs out, the items judged are a random sample with every community in it and each in proportion,
+not the first posts by id.
 """
 
 from __future__ import annotations
