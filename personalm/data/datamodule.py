@@ -19,7 +19,6 @@ from personalm.data.batching import (
     community_codes,
     row_lengths,
 )
-from personalm.data.cache_key import tokenizer_identity  # noqa: F401  (tokenizer_identity: public)
 from personalm.data.collate import collate_preference, collate_prompts, collate_sft
 from personalm.data.encoding import prompt_budget
 from personalm.data.prepared_splits import PreparedSplits

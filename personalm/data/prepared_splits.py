@@ -18,7 +18,8 @@ from personalm.paths import cache_root, is_embedded
 
 
 class PreparedSplits:
-    # -- preparation ------------------------------------------------------------------------------
+    """Preparing and opening the splits of a ``ComPreDDataModule``: Lightning's ``prepare_data`` (one process
+    prepares) and ``setup`` (every process opens), and ``python -m personalm prepare`` (``prepare_all``)."""
 
     @property
     def tokenizer(self):
