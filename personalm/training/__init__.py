@@ -2,7 +2,8 @@
 and log-probs, the reference and its precomputed cache), the callbacks (throughput, NaN guard, checkpoints),
 resuming, sharded strategies (FSDP2) and the export command.
 
-Owns ``base`` (loading, optimizer and schedule, export), ``callbacks`` (tokens/s, NaN guard), ``checkpoints``
+Owns ``base`` (loading, optimizer and schedule, export), ``precision`` (what a run computes in, settings
+refused, fp32 trainable weights), ``callbacks`` (tokens/s, NaN guard), ``checkpoints``
 (step and time checkpoints, ``last.ckpt``), ``resume`` (RNG states, LoRA checkpoints, the schedule's length),
 ``decoding`` (``predict``'s settings for both backends, where a response ends), ``generation`` (``predict``: the
 HF backend, the row-wise repetition penalty), ``vllm_generation``

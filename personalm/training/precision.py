@@ -15,6 +15,9 @@ HALF = ("bfloat16", "float16")
 
 
 class TrainingPrecision:
+    """The precision side of ``CausalLMModule``: the dtype a run computes in, the checks of its settings, and
+    trainable weights upcast to fp32."""
+
     @property
     def compute_dtype(self) -> Optional[str]:
         """What the trainer's precision computes in (``bfloat16`` under ``bf16-mixed``), None for ``32-true``."""
