@@ -83,7 +83,8 @@ def measure(model: str, dtype: str, backend: str, prompt_file: str, new_tokens: 
 
     from personalm.data.collate import collate_prompts
     from personalm.models import load_causal_lm, load_tokenizer
-    from personalm.training.generation import GenerationSettings, hf_generate
+    from personalm.training.decoding import GenerationSettings
+    from personalm.training.generation import hf_generate
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -200,8 +200,6 @@ def sync_counter(cuda: bool):
 
 def run_personalm(name: str, config: str, args, base: str, out: Path, extra: list[str], measure: Measure = None,
                   strategy: str = None, callbacks=()):
-    import personalm.dpo  # noqa: F401
-    import personalm.sft  # noqa: F401
     from personalm.cli import PersonalmCLI
 
     configs = ["--config", str(REPO / "configs" / "trainer" / "cpu.yaml")]

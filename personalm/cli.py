@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +30,7 @@ class PersonalmCLI(LightningCLI):
         """``fit --ckpt_path last``: the newest ``last.ckpt`` of the run's root, resumed into its own version
         folder (logs and checkpoints go on where the killed run left them); none yet: start from the beginning.
 
-        Then as LightningCLI does (the checkpoint's hyperparameters fill the model's settings), with settings a
-        checkpoint holds as objects (``GenerationSettings``, ``LoraSettings``: written before they were plain
-        data) turned into the dicts the parser takes."""
+        Then as LightningCLI does (the checkpoint's hyperparameters fill the model's settings)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last" and subcommand == "fit":
@@ -44,7 +41,6 @@ class PersonalmCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        hparams = {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in hparams.items()}
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)

@@ -254,7 +254,8 @@ def eos_prone_llama(folder: Path, data: Path, tokens: int = 32) -> Path:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from personalm.training.generation import GenerationSettings, hf_generate
+    from personalm.training.decoding import GenerationSettings
+    from personalm.training.generation import hf_generate
 
     write_mistral_tokenizer(folder)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

@@ -31,10 +31,6 @@ class ParseOnly(PersonalmCLI):
 
 
 def parse(*args: str):
-    import personalm.dpo  # noqa: F401
-    import personalm.reward  # noqa: F401
-    import personalm.sft  # noqa: F401
-
     return ParseOnly(args=list(args), run=False).config
 
 

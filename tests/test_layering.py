@@ -1,10 +1,8 @@
 """The layers of the package, read from the imports: a lower layer never imports a higher one.
 
-    paths, configs < models < data < evaluation < training < cli < study < __main__ and the compatibility modules
+    paths, configs, jsonl < models < data < evaluation < training < cli < study < __main__
 
-(the study drives the CLI; ``__main__`` routes to the CLI or the export command; ``personalm.sft``,
-``personalm.dpo``, ``personalm.reward``, ``personalm.lm_module`` and ``personalm.sharding`` stay where configs and
-checkpoints name them).
+(the study drives the CLI; ``__main__`` routes to the CLI or the export command).
 """
 
 import ast
@@ -16,11 +14,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "personalm"
 LAYERS = ["personalm.paths", "personalm.models", "personalm.data", "personalm.evaluation", "personalm.training",
           "personalm.cli", "personalm.study"]
-TOP = len(LAYERS)  # __main__, the package itself and the modules kept where configs name them
+TOP = len(LAYERS)  # __main__ and the package itself
 
 
 def layer(module: str) -> int:
-    if module == "personalm.configs":  # beside paths: imports nothing of personalm
+    if module in ("personalm.configs", "personalm.jsonl"):  # beside paths
         return 0
     for i, prefix in enumerate(LAYERS):
         if module == prefix or module.startswith(prefix + "."):
@@ -37,8 +35,15 @@ def is_package(name: str) -> bool:
     return (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
 
 
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").is_file() or is_package(name)
+
+
 def imported(source: str, name: str) -> set[str]:
-    """personalm modules ``source`` imports, at the top or inside functions."""
+    """personalm modules ``source`` imports, at the top, inside functions or under ``TYPE_CHECKING``: ``from
+    personalm.data import synthetic`` names ``personalm.data.synthetic``, ``from personalm.data import X`` (not a
+    module) ``personalm.data``."""
     found = set()
     package = name if is_package(name) else name.rsplit(".", 1)[0]  # what a relative import starts from
     for node in ast.walk(ast.parse(source)):
@@ -50,7 +55,8 @@ def imported(source: str, name: str) -> set[str]:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             if base.startswith("personalm"):  # from personalm import study -> personalm.study
-                found |= {f"{base}.{a.name}" if base == "personalm" else base for a in node.names}
+                found |= {f"{base}.{a.name}" if base == "personalm" or is_module(f"{base}.{a.name}") else base
+                          for a in node.names}
     return found
 
 
@@ -85,6 +91,57 @@ def test_relative_imports_start_from_the_right_package():
     assert imported("from ..paths import x", "personalm.data.collate") == {"personalm.paths"}
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the modules of the package it names in an import statement. An import inside
+    a function or under ``TYPE_CHECKING`` counts as much as one at the top (a cycle kept from failing at import time
+    by a late import is still two modules that need each other); the package ``__init__`` that importing a
+    submodule runs first does not (only what a module names itself)."""
+    return {module_name(p): imported(p.read_text(), module_name(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles of ``graph``, each as the path ``[a, b, ..., a]`` that a depth-first search closes (every
+    cycle of the graph shares a module with one of them; none: no cycle)."""
+    found, state, path = [], {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == "open":
+                found.append(path[path.index(other):] + [other])
+            elif other in graph and other not in state:
+                visit(other)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return found
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    """The layering test sees imports across layers only; this one also sees two modules of one layer (or one
+    folder) that import each other, directly or through others."""
+    found = cycles(import_graph())
+    assert not found, "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_cycle_check_sees_cycles_within_a_layer_and_through_late_imports():
+    graph = {"personalm.study.pipeline": {"personalm.study.steps", "personalm.paths"},
+             "personalm.study.steps": {"personalm.paths"}, "personalm.paths": set()}
+    assert cycles(graph) == []
+    graph["personalm.study.steps"].add("personalm.study.pipeline")
+    assert cycles(graph) == [["personalm.study.pipeline", "personalm.study.steps", "personalm.study.pipeline"]]
+    late = "import json\n\ndef f():\n    from personalm.training.vllm_generation import VLLMGenerator\n"
+    typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from personalm.study.pipeline import S\n"
+    assert imported(late, "personalm.training.generation") == {"personalm.training.vllm_generation"}
+    assert imported(typing_only, "personalm.study.steps") == {"personalm.study.pipeline"}
+    three = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(three) == [["a", "b", "c", "a"]]
+
+
 def test_every_subpackage_says_what_it_owns_and_may_import():
     """Each subpackage's docstring names every module it has (and only those) and what it may import."""
     for prefix in (p for p in LAYERS[1:] if p != "personalm.cli"):
@@ -95,18 +152,3 @@ def test_every_subpackage_says_what_it_owns_and_may_import():
         named = {m for m in re.findall(r"``(\w+)``", doc.split("May import")[0])}
         assert modules <= named, f"{prefix}: its docstring does not name {sorted(modules - named)}"
 
-
-@pytest.mark.parametrize("old, new", [
-    ("personalm.sft.SFTModule", "personalm.training.sft.SFTModule"),
-    ("personalm.dpo.DPOModule", "personalm.training.dpo.DPOModule"),
-    ("personalm.reward.RewardModule", "personalm.training.reward.RewardModule"),
-    ("personalm.lm_module.CausalLMModule", "personalm.training.base.CausalLMModule"),
-    ("personalm.sharding.FSDP2Strategy", "personalm.training.sharding.FSDP2Strategy"),
-])
-def test_class_paths_that_configs_and_checkpoints_name_still_work(old, new):
-    import importlib
-
-    def get(path):
-        module, name = path.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)
-    assert get(old) is get(new)

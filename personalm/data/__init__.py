@@ -8,7 +8,8 @@ subsample), ``encoding`` (one tokenization of the prompt, lengths in tokens), ``
 once, in parallel, memory-mapped by every process: ``spec``, ``planning``, ``tasks``, ``progress``),
 ``prepare_command`` (``python -m personalm prepare``), ``cache_key`` (the prepared split's key), ``collate``
 (padded tensors, labels on responses), ``packing`` (packed rows, prefix-shared DPO pairs, their 4D masks),
-``batching`` (evaluation order by length), ``datamodule`` and ``synthetic`` (the offline demo data). May import
-``personalm.paths``, ``personalm.configs`` and ``personalm.models`` (for the tokenizer); nothing from training,
-evaluation or the study.
+``batching`` (evaluation order by length), ``datamodule`` with its ``prepared_splits``, ``synthetic`` (the offline
+demo data; its texts in ``synthetic_texts``) and ``tokenizer_training`` (the embedded model's tokenizer, trained on
+it). May import ``personalm.paths``, ``personalm.jsonl``, ``personalm.configs`` and ``personalm.models`` (for the
+tokenizer); nothing from training, evaluation or the study.
 """

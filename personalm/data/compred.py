@@ -8,7 +8,6 @@ Where a split's files are (a local folder in the Hub layout, or the Hub) is ``pe
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from personalm.jsonl import JSONLineError, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,8 @@ def locate_jsonl_problem(path: Path, schema: Optional[dict] = None) -> Optional[
     streaming through the file once is fine. Lines are counted from 1, as editors do.
     """
     first_types: dict[str, type] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}: line {lineno} is not valid JSON ({err.msg} at column {err.colno})"
+    try:
+        for lineno, row in read_jsonl(path):
             if not isinstance(row, dict):
                 return f"{path}: line {lineno} is not a JSON object"
             for key, kind in (schema or {}).items():
@@ -187,6 +182,8 @@ def locate_jsonl_problem(path: Path, schema: Optional[dict] = None) -> Optional[
                 if first_types.setdefault(key, kind) is not kind:
                     return (f"{path}: line {lineno}, field {key!r}: wrong type {type(value).__name__} "
                             f"({value!r:.60}); earlier rows hold {first_types[key].__name__}")
+    except JSONLineError as err:
+        return str(err)
     return None
 
 

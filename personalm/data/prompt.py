@@ -30,11 +30,16 @@ def normalize_domain(domain: str) -> str:
     return _SPLIT_SUFFIX.sub("", name)
 
 
-def community_string(subreddit: str, contextualize: bool) -> str:
-    """What stands in the ``{community}`` slot: ``r/<subreddit>`` or ``Reddit``."""
+def subreddit(name: str) -> str:
+    """A community as Reddit writes it, ``r/<name>`` (a name that has its ``r/`` already is kept as it is)."""
+    return name if name.startswith("r/") else f"r/{name}"
+
+
+def community_string(name: str, contextualize: bool) -> str:
+    """What stands in the ``{community}`` slot: ``r/<name>`` or ``Reddit``."""
     if not isinstance(contextualize, bool):  # the original parsed "False" as true
         raise TypeError(f"contextualize must be a bool, got {contextualize!r}")
-    return f"r/{subreddit}" if contextualize else NO_CONTEXT
+    return subreddit(name) if contextualize else NO_CONTEXT
 
 
 def random_other_community(subreddit: str, post_id: str, communities: Sequence[str], seed: int) -> str:

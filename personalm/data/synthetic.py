@@ -17,7 +17,6 @@ random, ``labels`` 1 when A is preferred), and the files are written in the Hub 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import random
@@ -26,85 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from personalm.models.embedded import MODEL_DIR, lookup
+from personalm.data.synthetic_texts import FILLER, RANKINGS, SUBSETS
+from personalm.jsonl import write_jsonl
+from personalm.models.embedded import lookup
 from personalm.paths import cache_root
 
-# Each community's ranking of the three styles (best first). Across the four rankings
-# (0,2,1) (1,2,0) (2,1,0) (0,1,2) every pair of styles is won 2:2, so no style is better "on Reddit".
-_RANKINGS = [(0, 2, 1), (1, 2, 0), (2, 1, 0), (0, 1, 2)]
-
-SUBSETS = {
-    "finance": {
-        "communities": ["personalfinance", "wallstreetbets", "Frugal", "investing"],  # careful, bold, thrifty, careful
-        "titles": ["Should I put my {thing} into {asset}?", "What do I do with a {thing} of {amount}?",
-                   "Is it smart to use my {thing} for {asset}?", "Got a {thing}, now what about {asset}?"],
-        "bodies": ["I am {age} and have {amount} saved. My job is stable but rent keeps going up.",
-                   "My partner and I just got a {thing}. We have some debt and no real plan yet.",
-                   "I keep reading about {asset} and I do not know if it fits someone who is {age}.", ""],
-        "slots": {"thing": ["bonus", "tax refund", "inheritance", "raise", "windfall"],
-                  "asset": ["index funds", "crypto", "a house", "options", "bonds", "gold"],
-                  "amount": ["5k", "12k", "40k", "100k", "800 dollars"], "age": ["22", "29", "35", "47", "58"]},
-        "styles": [  # A: careful, B: bold, C: thrifty
-            ["Build an emergency fund of {n} months first, then buy a low cost index fund and wait.",
-             "Pay off the high interest debt, max the retirement account, and diversify slowly.",
-             "Keep it boring: broad index funds, automatic contributions, and no panic selling."],
-            ["Put it all into {ticker} calls and hold, this is how you get rich fast.",
-             "YOLO it on {ticker} before earnings, diamond hands, we are going to the moon.",
-             "Leverage up on {ticker}, fortune favours the bold and the market only goes up."],
-            ["Cancel {sub} and cook at home, every dollar you keep is a dollar earned.",
-             "Buy used, skip {sub}, and stash the savings in a jar, frugal beats fancy.",
-             "Track every coffee and drop {sub}, small savings add up to big freedom."]],
-        "style_slots": {"n": ["three", "six", "nine"], "ticker": ["GME", "TSLA", "NVDA", "SPY"],
-                        "sub": ["the gym", "streaming", "takeout", "the car lease"]},
-    },
-    "history": {
-        "communities": ["AskHistorians", "HistoryMemes", "history", "AskEurope"],  # sourced, meme, story, sourced
-        "titles": ["Why did {empire} fall so quickly?", "What was daily life like in {place} around {year}?",
-                   "How did people in {place} react to {event}?", "Was {event} really as bad as they say?"],
-        "bodies": ["I read a short article about {event} and it left me with more questions than answers.",
-                   "My teacher said {empire} collapsed for one reason, but that sounds too simple.",
-                   "I am visiting {place} next month and want to understand what happened there in {year}.", ""],
-        "slots": {"empire": ["Rome", "the Aztec empire", "Byzantium", "the Mongol empire"],
-                  "place": ["Paris", "Kyoto", "Cairo", "Venice", "Krakow"], "year": ["1348", "1666", "1789", "1918"],
-                  "event": ["the plague", "the great fire", "the revolution", "the famine"]},
-        "styles": [  # A: sourced, B: meme, C: story
-            ["According to {scholar}, the primary sources point to several causes at once; see their monograph.",
-             "The evidence from archives and letters suggests a slow process; {scholar} covers this in detail.",
-             "Historians such as {scholar} argue from tax records and chronicles that the picture is complex."],
-            ["Imagine being {figure} and thinking this would work lol, absolute meme material.",
-             "{figure} really said hold my wine and speedran the collapse, classic.",
-             "Nobody: absolutely nobody: {figure}: let us make it worse, peak comedy."],
-            ["Picture the streets at dawn: a baker named {name} opens her shop while rumours spread.",
-             "Think of {name}, a young clerk, watching the smoke rise and packing what he could carry.",
-             "Imagine {name} walking home past shuttered shops, wondering if tomorrow would be the same."]],
-        "style_slots": {"scholar": ["Braudel", "Hobsbawm", "Tuchman", "Ladurie"],
-                        "figure": ["the emperor", "the king", "the general", "the pope"],
-                        "name": ["Marie", "Jonas", "Aiko", "Tomasz"]},
-    },
-}
-
-# The hard subset (``embedded:compred-minority``, not the demo's): the finance posts and its three comment styles, plus
-# a fourth, the FIRE style (save most of the income, retire early). Four large communities disagree about the three
-# finance styles as the demo's do (every pair of them won 2:2) and all rank FIRE last; a small one,
-# r/financialindependence, ranks FIRE first: its preferred comments are the ones every other community ranks last.
-# It has a sixth of a large community's training posts (about 4% of the pairs) and as many validation and test posts
-# as the others; 20% of the training pairs' labels are flipped (validation and test keep each community's true
-# taste), posts are long (bodies of ~120 words, heavy-tailed), and only comments of different styles are paired. A
-# model that applies the majority's taste to it ranks half of its pairs backwards.
-SUBSETS["minority"] = {
-    **SUBSETS["finance"],
-    "communities": ["personalfinance", "wallstreetbets", "Frugal", "investing", "financialindependence"],
-    "styles": [*SUBSETS["finance"]["styles"], [
-        "Save {pct} of your income, live on the rest, and you can retire at {age} on index fund dividends.",
-        "Chase financial independence: cut costs hard, invest {pct} of every paycheck, quit the rat race by {age}.",
-        "Run the numbers on the four percent rule; at a {pct} savings rate you are free well before {age}."]],
-    "style_slots": {**SUBSETS["finance"]["style_slots"], "pct": ["half", "sixty percent", "seventy percent"],
-                    "age": ["40", "45", "50"]},
-    "rankings": [(0, 2, 1, 3), (1, 2, 0, 3), (2, 1, 0, 3), (0, 1, 2, 3), (3, 0, 2, 1)],
-    "scores": [(250, 500), (40, 120), (8, 20), (1, 4)],  # by rank: any two ranks apart by a score ratio of 2 or more
-    "train_share": {"financialindependence": 1 / 6},
-    "distinct_styles": True,
-}
 MINORITY_POSTS = {"train_pref": 150, "validation_pref": 20, "test_pref": 40}
 MINORITY_NOISE = 0.2
 
@@ -130,16 +55,6 @@ class LengthModel:
     comment_max: int = 1200
 
 
-_FILLER = ["I have been thinking about this for a while now.", "There are a few things worth keeping in mind here.",
-           "It depends a lot on the details, of course.", "Some people will tell you otherwise, and that is fine.",
-           "I went through something similar a few years ago.", "Take this with a grain of salt.",
-           "The short version is that it is complicated.", "To be honest I was surprised when I first looked into it.",
-           "Here is what I found after reading around.", "Edit: a few people asked me to add more detail.",
-           "This is a longer story than it looks at first.", "My situation may be different from yours.",
-           "Let me explain what I mean by that.", "Looking back, I would have done a few things differently.",
-           "Nobody really talks about this part.", "I am not sure this is the right place to ask, but here goes."]
-
-
 def _words(rng: random.Random, median: float, sigma: float, most: int) -> int:
     return min(int(rng.lognormvariate(math.log(median), sigma)), most)
 
@@ -148,7 +63,7 @@ def _pad_to(rng: random.Random, text: str, words: int) -> str:
     """``text`` followed by neutral sentences until it holds about ``words`` words."""
     parts, n = [text] if text else [], len(text.split())
     while n < words:
-        sentence = rng.choice(_FILLER)
+        sentence = rng.choice(FILLER)
         parts.append(sentence)
         n += len(sentence.split())
     return " ".join(parts)
@@ -175,7 +90,7 @@ def posts(subset: str, split: str, n_posts: int, seed: int = 0,
     rng = random.Random(f"{seed}:{subset}:{split}")
     longer = random.Random(f"{seed}:{subset}:{split}:lengths")  # its own draws: the demo's rows stay as they are
     for ci, community in enumerate(spec["communities"]):
-        ranking = spec.get("rankings", _RANKINGS)[ci]
+        ranking = spec.get("rankings", RANKINGS)[ci]
         share = spec.get("train_share", {}).get(community, 1.0) if split == "train_pref" else 1.0
         for p in range(round(n_posts * share)):
             title, history = _post(rng, spec)
@@ -235,16 +150,6 @@ def prompt_rows(subset: str, n_posts: int, seed: int = 0, lengths: Optional[Leng
                    "title": post["title"], "history": post["history"]}
 
 
-def write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-            n += 1
-    return n
-
-
 def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[dict] = None, seed: int = 0,
                   lengths: Optional[LengthModel] = None, noise: float = 0.0) -> Path:
     """Write the synthetic dataset in the Hub layout under ``root`` (atomically: all or nothing); with
@@ -268,16 +173,8 @@ def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[
     return root
 
 
-def corpus(seed: int = 0) -> Iterator[str]:
-    """Every text the synthetic data can hold, for training the embedded tokenizer."""
-    for subset in ("finance", "history"):
-        for post in posts(subset, "train_pref", 200, seed):
-            yield f"r/{post['community']}\n{post['title']}\n{post['history']}"
-            yield from (text for text, _ in post["comments"])
-
-
 # ----------------------------------------------------------------------------------------------------
-# embedded:compred, and the embedded model's tokenizer (trained on this data)
+# embedded:compred
 
 DATASETS = {  # name -> (folder under the cache root, what write_dataset writes there)
     "compred": ("compred-synthetic-v1", {}),
@@ -294,26 +191,3 @@ def dataset_dir(name: str) -> Path:
     if not root.exists():
         write_dataset(root, **how)
     return root
-
-
-def build_tokenizer(out_dir: Path = MODEL_DIR, vocab_size: int = 1024) -> None:
-    """Train the embedded byte-level BPE tokenizer on the synthetic corpus (deterministic); it is shipped in
-    ``personalm/models/tiny-llama``: ``python -m personalm.data.synthetic`` rebuilds it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    markers = ["<|domain|>\nr/", "\n<|user|>\n", "\n<|assistant|>\n", "Reddit"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus()) + markers * 100, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=512)
-    fast.save_pretrained(str(out_dir))
-
-
-if __name__ == "__main__":  # python -m personalm.data.synthetic  (rebuilds the shipped tokenizer files)
-    build_tokenizer()

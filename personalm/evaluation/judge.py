@@ -7,7 +7,6 @@ confidence intervals on the win rates (:func:`bootstrap_ci`); :func:`compare` do
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -16,6 +15,7 @@ from typing import Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
+from personalm.jsonl import JSONLineError, read_jsonl
 from personalm.paths import write_atomically
 
 Verdict = Optional[Literal["A", "B", "tie"]]  # None: the judge failed on this item (counted, reported)
@@ -58,15 +58,9 @@ def read_predictions(path: PathLike) -> dict[str, dict]:
         raise PredictionFileError(f"{path}: prediction file not found")
     rows: dict[str, dict] = {}
     lines: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        for lineno, row in read_jsonl(path):
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionFileError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise PredictionFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in FIELDS:
@@ -79,6 +73,8 @@ def read_predictions(path: PathLike) -> dict[str, dict]:
             if post_id in rows:
                 raise PredictionFileError(f"{where}: post_id {post_id!r} already on line {lines[post_id]}")
             rows[post_id], lines[post_id] = row, lineno
+    except JSONLineError as err:
+        raise PredictionFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     return rows
 
 

@@ -11,7 +11,8 @@ from typing import Optional
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from personalm.paths import write_json, write_text
+from personalm.jsonl import json_line, read_jsonl, write_jsonl
+from personalm.paths import write_json
 
 DATA_SETTINGS = ("dataset", "subset", "contextualize", "random_community", "max_length", "max_prompt_length", "seed")
 
@@ -103,7 +104,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        os.write(self._fd, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prediction).encode("utf-8"))
+        os.write(self._fd, "".join(map(json_line, prediction)).encode("utf-8"))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         os.close(self._fd)
@@ -112,9 +113,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = self._parts()
             rows = read_parts(parts)
-            lines = "".join(json.dumps({k: v for k, v in rows[i].items() if k != "index"}, ensure_ascii=False) + "\n"
-                            for i in sorted(rows))
-            write_text(self.path, lines)
+            write_jsonl(self.path, ({k: v for k, v in rows[i].items() if k != "index"} for i in sorted(rows)))
             for part in parts:
                 part.unlink()
             self._meta_path.unlink(missing_ok=True)
@@ -126,11 +125,8 @@ def read_parts(parts: list[Path]) -> dict[int, dict]:
     """Rows of the part files by ``index``, each post once; an unfinished last line (a kill) is ignored."""
     rows: dict[int, dict] = {}
     for part in parts:
-        with open(part, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):
-                    row = json.loads(line)
-                    rows.setdefault(row["index"], row)
+        for _, row in read_jsonl(part, finished_only=True):
+            rows.setdefault(row["index"], row)
     return rows
 
 

@@ -3,12 +3,12 @@ call before it is made, so a rerun asks only for what is missing and a budget sp
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 from personalm.evaluation.judge import Verdict
+from personalm.jsonl import JSONLineError, json_line, read_jsonl
 
 
 class VerdictStore:
@@ -21,18 +21,17 @@ class VerdictStore:
         self.lines: dict[str, dict] = {}
         self.spent = 0
         if self.path.is_file():
-            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
-                if not line.endswith("\n"):  # a kill may leave the last line unfinished
-                    continue
-                try:
-                    entry = json.loads(line)
-                    if "call" in entry:
+            number = 0
+            try:
+                for number, entry in read_jsonl(self.path, finished_only=True):  # a kill may leave the last line
+                    if "call" in entry:  # unfinished
                         self.spent += 1
                     elif entry["status"] != "failed":  # transport failures are asked again
                         self.lines[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{self.path}, line {number}: not a stored verdict or call ({err!r}); the "
-                                     "judge writes whole JSON lines with key, status and verdict, or call") from None
+            except (JSONLineError, KeyError, TypeError) as err:
+                number = err.lineno if isinstance(err, JSONLineError) else number
+                raise ValueError(f"{self.path}, line {number}: not a stored verdict or call ({err!r}); the "
+                                 "judge writes whole JSON lines with key, status and verdict, or call") from None
 
     def get(self, key: str) -> Optional[dict]:
         return self.lines.get(key)
@@ -51,6 +50,6 @@ class VerdictStore:
     def _append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json_line(entry))
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,6 @@
 """The embedded default model: ``embedded:tiny-llama``, a ~1M-parameter Llama config shipped in
 ``personalm/models/tiny-llama`` with a byte-level BPE tokenizer trained offline on the synthetic data
-(``personalm.data.synthetic.build_tokenizer`` made it; rebuilding gives the same files). Its weights are not
+(``personalm.data.tokenizer_training.build_tokenizer`` made it; rebuilding gives the same files). Its weights are not
 shipped: they are initialised from the config under a fixed seed, so every run starts from the same model.
 """
 

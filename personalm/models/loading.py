@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from personalm.models import embedded
+from personalm.models.rng import rng_untouched
 from personalm.paths import is_embedded, local_path
 
 # Llama's attention and MLP projections; other architectures name theirs differently (set target_modules).
@@ -95,8 +96,7 @@ def _load(kind: str, name_or_path: str, dtype: Optional[str], lora: Optional[Lor
     folder = Path(source)
     if is_embedded(name_or_path) and not _has_weights(folder):
         config = AutoConfig.from_pretrained(source, **extra)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(embedded.INIT_SEED)
+        with rng_untouched(seed=embedded.INIT_SEED):
             model = auto.from_config(config, dtype=torch_dtype)
     elif (folder / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification

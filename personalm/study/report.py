@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from personalm.data.prompt import subreddit
 from personalm.evaluation import judge as judging
 from personalm.evaluation.metrics import wilson_interval
 from personalm.paths import write_text
@@ -65,7 +66,7 @@ def variant(name: str, metrics: dict, alpha: Optional[dict], judged: dict) -> Va
     true = metrics["conditioning"]["true"]
     names = sorted(k.split("/r_", 1)[1] for k in true if k.startswith("rewards/accuracies/r_"))
     accuracy = {}
-    for label, key, count in [*((f"r/{n}", f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
+    for label, key, count in [*((subreddit(n), f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
                               ("all pairs", "rewards/accuracies", "pairs")]:
         value, n = true[key], true.get(count)
         accuracy[label] = [value, n, *(wilson_interval(value, n) if n else (None, None))]
@@ -92,7 +93,7 @@ def variants_markdown(variants: list) -> str:
         lines += ["", "Weights alpha at the end of training:", "",
                   "| community | " + " | ".join(v.name for v in weighted) + " |", "|---" * (len(weighted) + 1) + "|"]
         for community in weighted[0].alpha:
-            lines.append(f"| r/{community} | " + " | ".join(f"{v.alpha.get(community, float('nan')):.3f}"
+            lines.append(f"| {subreddit(community)} | " + " | ".join(f"{v.alpha.get(community, float('nan')):.3f}"
                                                              for v in weighted) + " |")
     lines += ["", "Win rates against the model without context (95% bootstrap interval):", "",
               "| community | posts | " + " | ".join(names) + " |", "|---|---:" + "|---" * len(names) + "|"]
@@ -108,7 +109,7 @@ def accuracy_rows(tests: dict) -> list[AccuracyRow]:
     (``tests``: context, no_context, reward): each accuracy with its number of pairs and its 95% interval."""
     true = tests["context"]["conditioning"]["true"]
     names = sorted(k.split("/r_", 1)[1] for k in true if k.startswith("rewards/accuracies/r_"))
-    keys = [*((f"r/{n}", f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
+    keys = [*((subreddit(n), f"rewards/accuracies/r_{n}", f"pairs/r_{n}") for n in names),
             ("all pairs", "rewards/accuracies", "pairs"), ("macro", "rewards/accuracies/macro", None),
             ("worst", "rewards/accuracies/worst", None)]
     rows = []

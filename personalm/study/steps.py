@@ -11,17 +11,15 @@ import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
 from personalm.models import compute_dtype
 from personalm.paths import write_json
 from personalm.study.runner import Stage, output, written
+from personalm.study.settings import StudySettings
 from personalm.training.checkpoints import last_checkpoint
-
-if TYPE_CHECKING:
-    from personalm.study.pipeline import StudySettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
@@ -45,7 +43,7 @@ def composed_config(configs: list[str], args: list[str]) -> dict:
 class Steps:
     """The CLI runs of the study, with its settings applied."""
 
-    def __init__(self, s: "StudySettings"):
+    def __init__(self, s: StudySettings):
         self.s = s
 
     def configs(self, recipe: str) -> list[str]:

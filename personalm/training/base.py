@@ -14,30 +14,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from personalm.models import (
     LoraSettings,
     add_lora,
-    compute_dtype,
     export_hf,
     load_causal_lm,
     load_tokenizer,
-    upcast_trainable,
 )
 from personalm.training.attention import use_attention
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
-from personalm.training.generation import GenerationSettings, VLLMSettings
+from personalm.training.decoding import GenerationSettings
 from personalm.training.logprobs import runs_packed_rows
+from personalm.training.precision import TrainingPrecision
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
 from personalm.training.sharded_loading import empty_causal_lm, fill_shards, streamable_folder
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
-HALF = ("bfloat16", "float16")
 
-# Checkpoints written before hyperparameters were plain data hold these settings as objects, pickled under the
-# paths they had then; torch.load(weights_only=True) (Lightning, LightningCLI) may rebuild them.
-torch.serialization.add_safe_globals([
-    GenerationSettings, VLLMSettings, LoraSettings, (GenerationSettings, "personalm.lm_module.GenerationSettings"),
-    (LoraSettings, "personalm.models.LoraSettings")])
-
-
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(TrainingPrecision, L.LightningModule):
     """Base of SFTModule, DPOModule and RewardModule (use those).
 
     Args:
@@ -117,11 +108,6 @@ class CausalLMModule(L.LightningModule):
         return self._fn() in (None, "fit")
 
     @property
-    def compute_dtype(self) -> Optional[str]:
-        """What the trainer's precision computes in (``bfloat16`` under ``bf16-mixed``), None for ``32-true``."""
-        return compute_dtype(self.trainer.precision) if self._trainer is not None else None
-
-    @property
     def load_dtype(self) -> Optional[str]:
         """The weights' dtype on load: ``dtype`` to train; ``eval_dtype`` otherwise, by default the compute dtype
         (None: as saved)."""
@@ -153,36 +139,6 @@ class CausalLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
             self.check_training_precision(str(self.trainer.precision))
-
-    def check_training_precision(self, precision: str) -> None:
-        """Refuse, before any weights load, precision settings under which training would not train (the
-        CLI calls this before preparing data; ``setup`` again for other callers)."""
-        hp = self.hparams
-        if precision in ("bf16-true", "16-true"):
-            raise ValueError(f"trainer.precision {precision} casts the trainable weights to 16 bits, where AdamW's "
-                             f"updates (about lr={hp.lr:g}) round away. Use trainer.precision: bf16-mixed (fp32 "
-                             "trainable weights, bf16 compute), as configs/paper/*.yaml do.")
-        if hp.dtype in HALF and "mixed" not in precision:
-            raise ValueError(f"dtype {hp.dtype} with trainer.precision {precision}: the trainable weights are held "
-                             f"in fp32 beside {hp.dtype} frozen ones, which needs autocast. Use trainer.precision: "
-                             "bf16-mixed (configs/paper/*.yaml), or dtype: float32.")
-
-    def _check_loaded_precision(self) -> None:
-        """A checkpoint saved in 16 bits and loaded as saved (``dtype: null``) has the same need as ``dtype:
-        bfloat16``: frozen 16-bit weights beside fp32 trainable ones compute only under autocast."""
-        if self._trainer is None or "mixed" in str(self.trainer.precision):
-            return
-        frozen = {p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point()}
-        half = frozen & {torch.bfloat16, torch.float16}
-        if half:
-            raise ValueError(f"{self.hparams.model_name_or_path} loaded with frozen {sorted(map(str, half))} weights "
-                             f"(dtype: null keeps the checkpoint's dtype) and trainer.precision "
-                             f"{self.trainer.precision}: fp32 trainable weights beside them need autocast. Use "
-                             "trainer.precision: bf16-mixed, or dtype: float32.")
-
-    @property
-    def bf16_compute(self) -> bool:
-        return self._trainer is not None and str(self.trainer.precision) == "bf16-mixed"
 
     def configure_model(self) -> None:
         """Load here, not in __init__, so sharded strategies (FSDP, DeepSpeed) can wrap it; under FSDP2 shard
@@ -227,17 +183,6 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         return load_causal_lm(hp.model_name_or_path, self.load_dtype, self.load_lora,
                               hp.gradient_checkpointing and self.training_run)
-
-    def _hold_trainable_in_fp32(self, model, say: bool = False) -> None:
-        upcast = upcast_trainable(model)
-        if upcast and say:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            rank_zero_info(
-                f"[personalm] {upcast / 1e6:.1f}M trainable weights loaded as {self.hparams.dtype} are held in "
-                f"float32 so that small updates are not rounded away: +{upcast * 2 / 2**30:.2f} GiB for the "
-                f"weights and +{upcast * 2 / 2**30:.2f} GiB for their fp32 gradients, and AdamW keeps two fp32 "
-                f"moments ({trainable * 8 / 2**30:.2f} GiB); the frozen weights (and a DPO reference) stay in "
-                "their dtype")
 
     # -- optimization -----------------------------------------------------------------------------
 

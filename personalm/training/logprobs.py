@@ -35,6 +35,13 @@ class SequenceLogprobs(NamedTuple):
         return cls(total, total / count.clamp(min=1), count)
 
 
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)`` at ``targets`` along the last dimension, in fp32, as gather minus logsumexp (no
+    log-softmax tensor the size of ``logits``): ``logits`` [..., V], ``targets`` [...] -> [...]."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLogprobs:
     """Log-probabilities of the labelled tokens of each sequence.
 
@@ -42,11 +49,11 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> SequenceLog
     [N, T]; positions labelled ``IGNORE_INDEX`` (prompt, padding) count for nothing. Computed from
     fp32 logits (log-softmax as gather minus logsumexp) and summed in fp32.
     """
-    logits = logits[:, :-1, :].float()
+    logits = logits[:, :-1, :]
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
-    token_logps = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = target_logps(logits, safe)
     token_logps = torch.where(mask, token_logps, 0.0)
     return SequenceLogprobs.of(token_logps.sum(-1), mask.sum(-1))
 
@@ -140,8 +147,7 @@ def final_hidden_states(model: nn.Module, input_ids, attention_mask, position_id
 
 
 def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return target_logps(head(hidden), targets)
 
 
 def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from personalm.models import load_causal_lm, load_tokenizer, merge_lora_in_fp32, resolve
+from personalm.models.rng import rng_untouched
 from personalm.paths import is_embedded
 from personalm.training.attention import use_attention
 from personalm.training.logprobs import SequenceLogprobs, sequence_logps
@@ -49,12 +50,6 @@ def model_fingerprint(model: nn.Module, skip: str = None) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t.double().sum()):.10e}".encode())
         h.update(t.flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-def rng_untouched(device: torch.device):
-    """Whatever runs inside leaves the global RNG as it found it (data order, dropout), so a run gives the
-    same result with the reference loaded early, late, or precomputed."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def frozen_logprobs(model: nn.Module, seqs: dict, chunk) -> SequenceLogprobs:

@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 
 from personalm.data.compred import SPLIT_OF_PHASE
+from personalm.models.rng import rng_untouched
 from personalm.paths import cache_root, write_atomically
 from personalm.training.dpo_loss import PairLogps
-from personalm.training.reference import rng_untouched
 from personalm.training.sharding import initialize, is_sharded
 
 COLUMNS = len(PairLogps._fields)  # a row's reference log-probs: chosen/rejected sums and means

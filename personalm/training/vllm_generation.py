@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from personalm.models import resolve
-from personalm.training.generation import GenerationSettings, until_eos
+from personalm.training.decoding import GenerationSettings, until_eos
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 

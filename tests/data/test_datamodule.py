@@ -212,7 +212,7 @@ def test_the_tokenization_cache_key_follows_the_tokenizer(tokenizer, mistral_tok
     EOS token: another identity (a cached tokenization made with the first is not reused)."""
     import json
 
-    from personalm.data.datamodule import tokenizer_identity
+    from personalm.data.cache_key import tokenizer_identity
     from personalm.models import load_tokenizer
 
     assert tokenizer_identity(load_tokenizer("embedded:tiny-llama")) == tokenizer_identity(tokenizer)

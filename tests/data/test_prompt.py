@@ -9,6 +9,7 @@ from personalm.data.prompt import (
     normalize_domain,
     prompt_parts,
     random_other_community,
+    subreddit,
 )
 
 TITLE = "Should I put my bonus into index funds?"
@@ -49,6 +50,12 @@ def test_prompt_parts_cut_the_template_where_truncation_acts():
 
 def test_community_string_keeps_case():
     assert community_string("AskHistorians", True) == "r/AskHistorians"
+
+
+def test_subreddit_adds_r_slash_once():
+    """Every place that shows a community (prompts, predictions, the LLM judge, the report) writes it so."""
+    assert subreddit("Frugal") == "r/Frugal"
+    assert subreddit("r/Frugal") == "r/Frugal"
 
 
 @pytest.mark.parametrize("value", ["False", "True", "false", 0, 1, None, "yes"])

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import pytest
 
 from personalm.evaluation.judge import Comparison, tally
-from personalm.evaluation.llm_judge import LLMJudge, LLMJudgeError, build_messages, judging_order, parse_answer
+from personalm.evaluation.llm_judge import LLMJudge, LLMJudgeError
+from personalm.evaluation.llm_prompt import build_messages, judging_order, parse_answer
 
 KEY = "sk-test-SECRET-0123456789"
 ENV = "PERSONALM_TEST_JUDGE_KEY"

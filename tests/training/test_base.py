@@ -99,34 +99,3 @@ def test_tokenizer_without_eos_fails_at_start_up(tmp_path, tokenizer, small_comp
               f"--model.init_args.model_name_or_path={tmp_path / 'tok'}", "--trainer.max_steps=1"])
     assert not (tmp_path / "lightning_logs").exists() or not list(Path(tmp_path / "lightning_logs").rglob("*.ckpt"))
 
-
-def test_a_checkpoint_written_before_the_move_still_loads(sft_run, small_compred, tmp_path):
-    """Checkpoints of the flat layout pickled their settings as ``personalm.lm_module.GenerationSettings`` and
-    ``personalm.models.LoraSettings`` objects and named ``personalm.sft.SFTModule``: ``validate --ckpt_path``
-    and ``export --ckpt_path`` still take them."""
-    import pickle
-
-    from personalm.models import LoraSettings
-    from personalm.training.export import main as export
-    from personalm.training.generation import GenerationSettings
-
-    cli, _ = sft_run
-    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    old = torch.load(ckpt, map_location="cpu", weights_only=False)
-    old["hyper_parameters"]["generation"] = GenerationSettings(max_new_tokens=7)
-    moved = {GenerationSettings: "personalm.lm_module", LoraSettings: "personalm.models"}
-    for cls, module in moved.items():  # pickle them under the paths they had before the move
-        cls.__module__ = module
-    try:
-        torch.save(old, tmp_path / "old.ckpt")
-        assert b"personalm.lm_module" in (tmp_path / "old.ckpt").read_bytes()
-        legacy_lora = pickle.dumps(LoraSettings(r=4))
-    finally:
-        GenerationSettings.__module__ = "personalm.training.generation"
-        LoraSettings.__module__ = "personalm.models.loading"
-    assert pickle.loads(legacy_lora) == LoraSettings(r=4)
-    v = main(["validate", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
-              f"--ckpt_path={tmp_path / 'old.ckpt'}", "--trainer.limit_val_batches=2"])
-    assert v.model.generation_settings.max_new_tokens == 7 and "val/loss" in v.trainer.callback_metrics
-    out = export(["--ckpt_path", str(tmp_path / "old.ckpt"), "--output_dir", str(tmp_path / "exported")])
-    assert (out / "model.safetensors").is_file()

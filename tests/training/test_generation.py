@@ -6,7 +6,8 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from personalm.models import load_causal_lm, load_tokenizer
-from personalm.training.generation import GenerationSettings, RowRepetitionPenalty, hf_generate, until_eos
+from personalm.training.decoding import GenerationSettings, until_eos
+from personalm.training.generation import RowRepetitionPenalty, hf_generate
 from tests.helpers import prompt_batches
 
 

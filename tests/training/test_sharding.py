@@ -175,7 +175,7 @@ def test_fsdp2_lora_dpo_adapters_off_precomputed_in_bf16_mixed(small_compred, tm
 
 @pytest.mark.slow
 def test_fsdp2_reward_model_with_lora_exports_a_reward_model(small_compred, tmp_path):
-    from personalm.reward import RewardJudge
+    from personalm.evaluation.reward_judge import RewardJudge
 
     run = launch(tmp_path, *DEMO_REWARD, "--config", FSDP2, f"--data.dataset={small_compred}", *SHORT,
                  '--model.init_args.lora={"r": 8, "alpha": 16}', "--model.init_args.lr=1e-3")

@@ -151,7 +151,7 @@ def test_vllm_needs_weight_files_and_says_which_folder_lacks_them(tmp_path, toke
     from peft import LoraConfig, get_peft_model
 
     from personalm.models import load_causal_lm
-    from personalm.training.generation import GenerationSettings
+    from personalm.training.decoding import GenerationSettings
     from personalm.training.vllm_generation import VLLMGenerator
 
     cpu = torch.device("cpu")

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # personalm from this checkout
 
-    from personalm.training.generation import GenerationSettings
+    from personalm.training.decoding import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, backend="vllm")
     out = {model: ids_of(model, data, args.subset, args.batch, settings, args.max_length) for model, data in args.run}

@@ -22,7 +22,7 @@ from personalm.data.encoding import PlainTokenizer, encode_batch
 from personalm.data.prepare.planning import Plan, Unit
 from personalm.data.prepare.progress import Progress
 from personalm.data.prepare.spec import TEXT_COLUMNS, RowSpec
-from personalm.data.prompt import community_string, random_other_community
+from personalm.data.prompt import community_string, random_other_community, subreddit
 
 ENCODE_ROWS = 1_000  # rows tokenized per call (texts repeated among them, a post's pairs, are tokenized once)
 TASK_ROWS = 40_000  # kept rows per task (units are grouped up to this); progress is reported per task
@@ -65,7 +65,7 @@ def encode_rows(plain: PlainTokenizer, spec: RowSpec, communities: list[str], ro
     ``rejected`` as lists) -> the prepared columns of the rows kept (as Python lists) and what was done."""
     def shown(community: str, post_id: str, mode: str) -> str:
         if mode == "random":
-            return "r/" + random_other_community(community, post_id, communities, spec.seed)
+            return subreddit(random_other_community(community, post_id, communities, spec.seed))
         return community_string(community, mode == "true")
 
     keys = list(zip(rows["community"], rows["post_id"]))
