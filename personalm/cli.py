@@ -36,7 +36,8 @@ class PersonalmCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """``fit --ckpt_path last``: the newest ``last.ckpt`` of the run's root, resumed into its own run folder
         (checkpoints and export go on where the killed run left them, under any logger; a TensorBoard or CSV
-        logger logs on in that version too); none yet: start from the beginning.
+        logger whose folder is the run's logs on there too, any other logger as it does); none yet: start from the
+        beginning.
 
         Then as LightningCLI does (the checkpoint's hyperparameters fill the model's settings), with settings a
         checkpoint holds as objects (``GenerationSettings``, ``LoraSettings``: written before they were plain
@@ -76,9 +77,9 @@ class PersonalmCLI(LightningCLI):
             logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                       "init_args": {"save_dir": str(root), "version": version}}
             self.config = self.parser.parse_object({sub: {"trainer": {"logger": logger}}}, self.config)
-        else:  # TensorBoard and CSV loggers of no set version log on in the killed run's version
+        else:  # a TensorBoard or CSV logger whose folder is the run's (no version set): on in the killed run's
             for logger in loggers if isinstance(loggers, list) else [loggers] if loggers else []:
-                if _is_versioned(logger) and logger.init_args.version is None:
+                if _logs_in_run_folders(logger, root) and logger.init_args.version is None:
                     logger.init_args.version = version
         return str(link)
 
@@ -134,11 +135,16 @@ class SaveRunConfig(SaveConfigCallback):
                          overwrite=self.overwrite, multifile=self.multifile)
 
 
-def _is_versioned(logger) -> bool:
-    """A logger's config (class path and arguments) names a TensorBoard or CSV logger, which take a version."""
+def _logs_in_run_folders(logger, root: Path) -> bool:
+    """A logger's config (class path and arguments) names a TensorBoard or CSV logger that writes its versions
+    into the run folders (``<root>/lightning_logs``): its version folder is the run's."""
     module, _, name = str(getattr(logger, "class_path", "")).rpartition(".")
     cls = getattr(importlib.import_module(module), name, None) if module else None
-    return isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger))
+    if not (isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger))):
+        return False
+    args = logger.init_args
+    folder = Path(args.save_dir or root) / (args.name or "")
+    return folder.resolve() == (root / RUNS).resolve()
 
 
 def main(args=None) -> PersonalmCLI:
