@@ -45,3 +45,12 @@ def test_a_resumed_run_goes_on_in_its_folder(tmp_path):
     (tmp_path / "lightning_logs" / "version_1").mkdir(parents=True)
     go_on_in(trainer, old)
     assert run_folder(trainer) == old
+
+
+def test_a_version_made_by_a_run_started_beside_is_not_taken(tmp_path, monkeypatch):
+    """Another run made ``version_0`` after this one listed the folders: this one takes ``version_1``."""
+    import personalm.paths
+
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)
+    monkeypatch.setattr(personalm.paths, "runs", lambda root: [])  # the listing, made before the other run's
+    assert run_folder(FakeTrainer(tmp_path, DummyLogger())).name == "version_1"
