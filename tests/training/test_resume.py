@@ -136,3 +136,5 @@ def test_a_run_with_another_logger_resumes_exactly_in_its_own_folder(logger, sma
     assert (resumed / "checkpoints" / LAST).resolve().name == "step=8.ckpt"
     assert [p.name for p in (tmp_path / "killed" / "lightning_logs").iterdir()] == ["version_0"]
     assert not [p for p in logs.rglob("*") if p.name in ("hf_model", "checkpoints")]
+    if logger == "csv":  # its own versions: the full run's, the killed run's, the resumed part's (a new one)
+        assert sorted(p.name for p in (logs / "csv").iterdir()) == ["version_0", "version_1", "version_2"]
