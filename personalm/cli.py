@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from personalm.data.datamodule import ComPreDDataModule
 from personalm.evaluation.predict_writer import JsonlPredictionWriter
+from personalm.paths import RUNS, go_on_in, run_folder
 from personalm.training.base import CausalLMModule
 from personalm.training.callbacks import LoggingStepProgressBar
 from personalm.training.checkpoints import Checkpoints, last_checkpoint
@@ -22,13 +26,17 @@ class PersonalmCLI(LightningCLI):
         kwargs.setdefault("model_class", CausalLMModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("datamodule_class", ComPreDDataModule)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("auto_configure_optimizers", False)  # modules own optimizer + schedule
+        self._resumed: Optional[Path] = None  # the run folder ``--ckpt_path last`` goes on in
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        """``fit --ckpt_path last``: the newest ``last.ckpt`` of the run's root, resumed into its own version
-        folder (logs and checkpoints go on where the killed run left them); none yet: start from the beginning.
+        """``fit --ckpt_path last``: the newest ``last.ckpt`` of the run's root, resumed into its own run folder
+        (checkpoints and export go on where the killed run left them, under any logger; a TensorBoard or CSV
+        logger whose folder is the run's logs on there too, any other logger as it does); none yet: start from the
+        beginning.
 
         Then as LightningCLI does (the checkpoint's hyperparameters fill the model's settings)."""
         subcommand = self.config.get("subcommand")
@@ -50,7 +58,7 @@ class PersonalmCLI(LightningCLI):
         root = Path(self.config[sub].trainer.default_root_dir or ".")
         found = last_checkpoint(root)
         if found is None:
-            print(f"[personalm] --ckpt_path last: no checkpoint under {root}/lightning_logs yet; starting from the "
+            print(f"[personalm] --ckpt_path last: no checkpoint under {root}/{RUNS} yet; starting from the "
                   "beginning", flush=True)
             self.config[sub].ckpt_path = None
             return None
@@ -59,10 +67,16 @@ class PersonalmCLI(LightningCLI):
         print(f"[personalm] --ckpt_path last: resuming from {link.resolve()} (step {step}), logging on in "
               f"version_{version}", flush=True)
         self.config[sub].ckpt_path = str(link)
-        if self.config[sub].trainer.logger in (None, True):  # the default logger, into the killed run's folder
+        self._resumed = link.parent.parent
+        loggers = self.config[sub].trainer.logger
+        if loggers in (None, True):  # the default logger, into the killed run's folder
             logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                       "init_args": {"save_dir": str(root), "version": version}}
             self.config = self.parser.parse_object({sub: {"trainer": {"logger": logger}}}, self.config)
+        else:  # a TensorBoard or CSV logger whose folder is the run's (no version set): on in the killed run's
+            for logger in loggers if isinstance(loggers, list) else [loggers] if loggers else []:
+                if _logs_in_run_folders(logger, root) and logger.init_args.version is None:
+                    logger.init_args.version = version
         return str(link)
 
     def _instantiate_trainer(self, config, callbacks):
@@ -74,7 +88,10 @@ class PersonalmCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in
                                                                        [*callbacks, *(config.get("callbacks") or [])]):
             callbacks = [*callbacks, LoggingStepProgressBar()]  # its figures read at logging steps only
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if self._resumed is not None:
+            go_on_in(trainer, self._resumed)
+        return trainer
 
     def before_fit(self) -> None:
         """Refuse precision settings that cannot train before the data are prepared (minutes on real data)."""
@@ -99,6 +116,31 @@ class PersonalmCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoints, "checkpoints")
         if "return_predictions" in parser.get_defaults():  # the writer holds them; don't keep all in RAM
             parser.set_defaults({"return_predictions": False})
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """``config.yaml`` in the run's folder (``personalm.paths.run_folder``), not in the first logger's (which
+    for W&B or MLflow every run shares)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.folder = run_folder(trainer)  # every process asks (a broadcast); the first one writes
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        self.parser.save(self.config, str(self.folder / self.config_filename), skip_none=False,
+                         overwrite=self.overwrite, multifile=self.multifile)
+
+
+def _logs_in_run_folders(logger, root: Path) -> bool:
+    """A logger's config (class path and arguments) names a TensorBoard or CSV logger that writes its versions
+    into the run folders (``<root>/lightning_logs``): its version folder is the run's."""
+    module, _, name = str(getattr(logger, "class_path", "")).rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module else None
+    if not (isinstance(cls, type) and issubclass(cls, (TensorBoardLogger, CSVLogger))):
+        return False
+    args = logger.init_args
+    folder = Path(args.save_dir or root) / (args.name or "")
+    return folder.resolve() == (root / RUNS).resolve()
 
 
 def main(args=None) -> PersonalmCLI:

@@ -90,3 +90,21 @@ def test_validate_subcommand(sft_run, small_compred, tmp_path):
     v = main(["validate", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}",
               f"--model.init_args.model_name_or_path={cli.model.export_path}"])
     assert "val/loss" in v.trainer.callback_metrics
+
+
+def test_runs_with_an_mlflow_logger_keep_their_own_folders(small_compred, tmp_path, monkeypatch):
+    """Two fits into one root with an MLflow logger (a local file store, whose folder is not versioned by run):
+    each run's checkpoints, export and config.yaml are in its own ``lightning_logs/version_<N>``, none in MLflow's
+    folder, and the second run overwrites nothing of the first."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to write a local file store
+    args = ["fit", *DEMO, *quiet(tmp_path), f"--data.dataset={small_compred}", "--trainer.limit_val_batches=0",
+            "--trainer.logger=MLFlowLogger", f"--trainer.logger.init_args.tracking_uri=file:{tmp_path / 'mlruns'}"]
+    first = main([*args, "--trainer.max_steps=1"])
+    second = main([*args, "--trainer.max_steps=2"])
+    for cli, version, step in ((first, 0, 1), (second, 1, 2)):
+        folder = tmp_path / "lightning_logs" / f"version_{version}"
+        assert Path(cli.model.export_path) == folder / "hf_model"
+        assert (folder / "hf_model" / "model.safetensors").is_file() and (folder / "config.yaml").is_file()
+        assert (folder / "checkpoints" / "last.ckpt").resolve().name == f"step={step}.ckpt"
+    assert not [p for p in (tmp_path / "mlruns").rglob("*") if p.name in ("hf_model", "checkpoints", "config.yaml")]
+    assert len(list((tmp_path / "mlruns").glob("*/*/metrics"))) == 2  # two MLflow runs, logged where MLflow logs

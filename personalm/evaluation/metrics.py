@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -16,7 +15,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from personalm.data.batching import community_codes
 from personalm.data.compred import SPLIT_OF_PHASE
-from personalm.paths import write_text
+from personalm.paths import run_folder, write_text
 
 # the figures logged for every pair, in this order (rows of the metric's state)
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -170,11 +169,11 @@ def log_phase_metrics(module, phase: str, skip_overall: bool = False) -> dict:
 
 
 def write_test_metrics(trainer, model_name: str, results: dict) -> None:
-    """``<log_dir>/test_metrics.json``: ``{"model", "conditioning": {variant: {metric: value}}}``, written
-    atomically by the first process (the figures are already synced across processes)."""
-    log_dir = trainer.log_dir  # a broadcast under DDP/FSDP: every process asks, or the first one waits forever
-    if not trainer.is_global_zero or not log_dir:
+    """``test_metrics.json`` in the run's folder: ``{"model", "conditioning": {variant: {metric: value}}}``,
+    written atomically by the first process (the figures are already synced across processes)."""
+    folder = run_folder(trainer)  # a broadcast under DDP/FSDP: every process asks, or the first one waits forever
+    if not trainer.is_global_zero:
         return
-    path = Path(log_dir) / "test_metrics.json"
+    path = folder / "test_metrics.json"
     write_text(path, json.dumps({"model": model_name, "conditioning": results}, indent=2))
     rank_zero_info(f"[personalm] per-community test metrics written to {path}")

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from personalm.jsonl import json_line, read_jsonl, write_jsonl
-from personalm.paths import write_json
+from personalm.paths import run_folder, write_json
 
 DATA_SETTINGS = ("dataset", "subset", "contextualize", "random_community", "max_length", "max_prompt_length", "seed")
 
@@ -32,7 +32,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
     The part files of every earlier process are read, so the number of processes may change in between.
 
     Args:
-        output_path: the JSONL file (default ``<log_dir>/predictions.jsonl``).
+        output_path: the JSONL file (default ``predictions.jsonl`` in the run's folder).
     """
 
     def __init__(self, output_path: Optional[str] = None):
@@ -72,7 +72,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self.path = Path(trainer.strategy.broadcast(
-            str(self.output_path or Path(trainer.log_dir or ".") / "predictions.jsonl")))
+            str(self.output_path or run_folder(trainer) / "predictions.jsonl")))
         kept: list[int] = []
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,7 @@ def summary(root: Path, done: dict, seconds: float) -> str:
         lines += ["\nDPO variants, side by side:\n", reporting.variants_markdown(report.variants)]
     lines.append(f"""
   TensorBoard logs : tensorboard --logdir {root}
-  stages           : {root}/<stage>/ (logs, checkpoints and hf_model under lightning_logs/version_0)
+  stages           : {root}/<stage>/ (checkpoints and hf_model under lightning_logs/version_0, whatever the logger)
   DPO model        : {root / DPO['context'] / done[DPO['context']]['outputs']['model']}
   predictions      : {root}/predict_{{context,no_context,random}}/predictions.jsonl (one line per test post)
   report, chart    : {md}, {root / REPORT / done[REPORT]['outputs']['chart']}

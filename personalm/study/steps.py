@@ -16,14 +16,22 @@ from typing import Literal, Optional, Sequence
 from personalm.configs import compose
 from personalm.evaluation import judge as judging
 from personalm.models import compute_dtype
-from personalm.paths import write_json
+from personalm.paths import runs, write_json
 from personalm.study.runner import Stage, output, written
 from personalm.study.settings import StudySettings
 from personalm.training.checkpoints import last_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent.parent
-LOGS = "lightning_logs/version_0"  # where a CLI run writes in its stage's fresh folder
 LLM_VERDICTS = "llm_judge_verdicts-{stage}.jsonl"  # in the study's root: every verdict a judge stage paid for
+
+
+def run_of(folder: Path) -> str:
+    """The folder of a stage's CLI run, relative to the stage's: the newest ``lightning_logs/version_<N>`` (the
+    run's own folder whatever the logger, ``personalm.paths.run_folder``; a resumed run goes on in its own)."""
+    found = runs(folder)
+    if not found:
+        raise RuntimeError(f"{folder.name}: the step finished but left no run folder under {folder}")
+    return os.path.relpath(found[-1], folder)
 
 
 def config_path(name: str) -> str:
@@ -98,8 +106,8 @@ class Steps:
             model = output(needs[start], "model") if start else self.s.base_model
             self.cli("fit", kind, kind, folder, model, f"--data.contextualize={str(context).lower()}",
                      *(["--ckpt_path=last"] if resume else []), last=variant)
-            last = last_checkpoint(folder)
-            return {"model": written(folder, f"{LOGS}/hf_model"), "logs": LOGS,
+            last, run = last_checkpoint(folder), run_of(folder)
+            return {"model": written(folder, f"{run}/hf_model"), "logs": run,
                     **({"checkpoint": os.path.relpath(last[0].resolve(), folder)} if last else {})}
 
         def resumable(folder: Path) -> Optional[str]:
@@ -111,7 +119,7 @@ class Steps:
         def run(folder: Path, needs: dict, resume: bool = False) -> dict:
             self.cli("test", recipe, "test", folder, output(needs[fitted], "model"),
                      f"--data.contextualize={str(context).lower()}")
-            return {"metrics": written(folder, f"{LOGS}/test_metrics.json")}
+            return {"metrics": written(folder, f"{run_of(folder)}/test_metrics.json")}
         return Stage(name, [fitted], run, self.settings(recipe, "test"))
 
     def predict(self, name: str, fitted: str, conditioning: Literal["true", "none", "random"]) -> Stage:

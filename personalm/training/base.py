@@ -18,6 +18,7 @@ from personalm.models import (
     load_causal_lm,
     load_tokenizer,
 )
+from personalm.paths import run_folder
 from personalm.training.attention import use_attention
 from personalm.training.callbacks import NonFiniteGuard, TokensPerSecond, logging_step
 from personalm.training.decoding import GenerationSettings
@@ -50,7 +51,7 @@ class CausalLMModule(TrainingPrecision, L.LightningModule):
         lora: LoRA settings (peft); None trains all weights.
         gradient_checkpointing: trade compute for memory on large models.
         export_dir: where ``fit`` saves the trained model in Hugging Face format
-            (default ``<log_dir>/hf_model``; ``""`` disables the export).
+            (default ``hf_model`` in the run's folder, ``personalm.paths.run_folder``; ``""`` disables the export).
         generation: decoding settings for ``predict``.
         logprob_chunk: response positions per chunk of the LM head when scoring log-probs (SFT and DPO):
             the logits of one chunk at a time, recomputed in backward, never ``[tokens, vocab]`` at once.
@@ -251,7 +252,7 @@ class CausalLMModule(TrainingPrecision, L.LightningModule):
         if self.hparams.export_dir == "":
             return
         out = Path(self.trainer.strategy.broadcast(
-            str(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf_model")))
+            str(self.hparams.export_dir or run_folder(self.trainer) / "hf_model")))
         state = full_state_dict(self)  # a collective: every process takes part
         error = None
         if self.trainer.is_global_zero:

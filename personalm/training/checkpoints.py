@@ -9,7 +9,10 @@ checkpoint is written under a temporary name and renamed into place, so a kill n
 under a name a resume reads. Under SLURM with auto-requeue, Lightning handles SIGUSR1 itself (a checkpoint,
 then ``scontrol requeue``), as its documentation describes.
 
-``last_checkpoint`` finds what ``--ckpt_path last`` resumes: the newest ``last.ckpt`` of a run folder.
+Unless given a ``dirpath``, the checkpoints go to ``checkpoints/`` in the run's own folder
+(``personalm.paths.run_folder``: ``lightning_logs/version_<N>``, whatever the logger), not Lightning's
+``<save_dir>/<name>/<version>`` of the first logger. ``last_checkpoint`` finds what ``--ckpt_path last``
+resumes: the newest ``last.ckpt`` of the run folders.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from personalm.paths import replace_dir, write_atomically
+from personalm.paths import replace_dir, run_folder, runs, version, write_atomically
 from personalm.training.callbacks import logging_step
 
 LAST = "last.ckpt"
@@ -35,14 +38,11 @@ LAST = "last.ckpt"
 
 def last_checkpoint(root: Path) -> Optional[tuple[Path, int]]:
     """The newest ``lightning_logs/version_<N>/checkpoints/last.ckpt`` under a run's root, with its N."""
-    found = []
-    for link in Path(root).glob(f"lightning_logs/version_*/checkpoints/{LAST}"):
+    for folder in reversed(runs(root)):
+        link = folder / "checkpoints" / LAST
         if link.exists():  # a link whose checkpoint is gone does not count
-            found.append((int(link.parent.parent.name.split("_")[1]), link))
-    if not found:
-        return None
-    version, link = max(found)
-    return link, version
+            return link, version(folder)
+    return None
 
 
 class Checkpoints(ModelCheckpoint):
@@ -72,6 +72,8 @@ class Checkpoints(ModelCheckpoint):
     # -- when ---------------------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:  # the run's folder, whatever the logger (every process asks: a broadcast)
+            self.dirpath = str(run_folder(trainer) / "checkpoints")
         super().setup(trainer, pl_module, stage)
         env = trainer._accelerator_connector.cluster_environment
         if stage == "fit" and hasattr(signal, "SIGUSR1") and not (

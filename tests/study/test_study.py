@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from personalm import study
+from personalm.study.steps import Steps
 from tests.helpers import kill_at, step_scalars, vllm_python
 
 pytestmark = pytest.mark.slow  # every test here runs the study end to end (CI runs them too)
@@ -183,3 +184,25 @@ def test_predict_backend_vllm_without_vllm_fails_before_any_stage(small_compred,
 def test_a_dpo_variant_may_not_take_a_stage_of_the_study(name):
     with pytest.raises(ValueError, match="are not the study's own|letters, digits"):
         study.stages(study.StudySettings(dpo_variants={name: []}))
+
+
+@pytest.mark.parametrize("logger", ["csv", "wandb"])
+def test_stages_find_their_outputs_under_another_logger(logger, small_compred, tmp_path):
+    """A fit stage and a test stage with a CSV logger of its own name or a W&B logger (offline; through the
+    study's ``args``): each finds its export or metrics in its CLI run's folder, not in the logger's."""
+    logs = tmp_path / "logs"
+    chosen = {"csv": ["--trainer.logger=CSVLogger", f"--trainer.logger.init_args.save_dir={logs}",
+                      "--trainer.logger.init_args.name=csv"],
+              "wandb": ["--trainer.logger=WandbLogger", f"--trainer.logger.init_args.save_dir={logs}",
+                        "--trainer.logger.init_args.offline=true"]}
+    settings = study.parse(["--config", str(Path(study.REPO) / "configs/study/demo.yaml"), f"--root={tmp_path}",
+                            f"--dataset={small_compred}", "--progress=false",
+                            f"--args={json.dumps({'all': [*TINY, *chosen[logger]]})}"])
+    steps = Steps(settings)
+    fitted = study.run_stage(tmp_path, steps.fit("sft", "sft", context=True), {})
+    tested = study.run_stage(tmp_path, steps.test("test", "dpo", "sft", context=True), {"sft": fitted})
+    assert fitted["outputs"]["model"] == "lightning_logs/version_0/hf_model"
+    assert (tmp_path / "sft" / fitted["outputs"]["model"] / "config.json").is_file()
+    metrics = json.loads((tmp_path / "test" / tested["outputs"]["metrics"]).read_text())
+    assert metrics["model"] == str(tmp_path / "sft" / fitted["outputs"]["model"]) and metrics["conditioning"]
+    assert list(logs.rglob("metrics.csv" if logger == "csv" else "*.wandb"))  # the logger logged, where it logs

@@ -114,3 +114,27 @@ def test_reward_model_with_length_grouped_batches_resumes_exactly(small_compred,
     # after=7: the reward model also logs train/loss over the epoch at its end (step 7), and after a resume
     # mid-epoch that covers only the rows seen since (a documented limit); every step-level loss after it agrees
     _same_after(step_scalars(full), step_scalars(resumed), "train/loss", after=7)
+
+
+@pytest.mark.parametrize("logger", ["csv", "mlflow"])
+def test_a_run_with_another_logger_resumes_exactly_in_its_own_folder(logger, small_compred, tmp_path, monkeypatch):
+    """Under a CSV logger with its own name, or MLflow (a local file store), whose folders are not the run's:
+    killed at step 5, ``--ckpt_path last`` finds the checkpoint of step 3 in the run's folder and goes on there
+    to the weights of the run that was never killed."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to write a local file store
+    logs = tmp_path / "logs"
+    chosen = {"csv": ["--trainer.logger=CSVLogger", f"--trainer.logger.init_args.save_dir={logs}",
+                      "--trainer.logger.init_args.name=csv"],
+              "mlflow": ["--trainer.logger=MLFlowLogger", f"--trainer.logger.init_args.tracking_uri=file:{logs}"]}
+    args = [*DEMO, f"--data.dataset={small_compred}", "--data.max_train_pairs=96", "--data.batch_size=16",
+            "--trainer.max_steps=8", "--trainer.max_epochs=3", "--trainer.limit_val_batches=0",
+            "--trainer.log_every_n_steps=1", "--checkpoints.every_n_steps=3",
+            '--model.init_args.lora={"r": 4, "alpha": 8, "dropout": 0.1}', *chosen[logger]]
+    full, resumed, log = _run_killed_and_resumed(args, tmp_path, kill=5)
+    assert "step=3.ckpt (step 3)" in log, log[-2000:]
+    assert safetensors_diff(full / "hf_model", resumed / "hf_model") <= 1e-6
+    assert (resumed / "checkpoints" / LAST).resolve().name == "step=8.ckpt"
+    assert [p.name for p in (tmp_path / "killed" / "lightning_logs").iterdir()] == ["version_0"]
+    assert not [p for p in logs.rglob("*") if p.name in ("hf_model", "checkpoints")]
+    if logger == "csv":  # its own versions: the full run's, the killed run's, the resumed part's (a new one)
+        assert sorted(p.name for p in (logs / "csv").iterdir()) == ["version_0", "version_1", "version_2"]
