@@ -64,8 +64,8 @@ class PersonalmCLI(LightningCLI):
             return None
         link, version = found
         step = link.resolve().stem.split("=")[-1]
-        print(f"[personalm] --ckpt_path last: resuming from {link.resolve()} (step {step}), logging on in "
-              f"version_{version}", flush=True)
+        print(f"[personalm] --ckpt_path last: resuming from {link.resolve()} (step {step}), going on in "
+              f"{link.parent.parent}", flush=True)
         self.config[sub].ckpt_path = str(link)
         self._resumed = link.parent.parent
         loggers = self.config[sub].trainer.logger

@@ -146,7 +146,6 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-bos_prefix = special_prefix  # the earlier name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from personalm.paths import is_embedded
 from personalm.study import report as reporting
 from personalm.study.runner import Stage, output, run_all
 from personalm.study.settings import StudySettings
-from personalm.study.steps import REPO, Steps  # noqa: F401  (REPO: where relative configs are found)
+from personalm.study.steps import Steps
 from personalm.training.group_robust import RECORD as GROUP_ROBUST_RECORD
 
 # the stages' names, used to wire them and to find their outputs

@@ -9,7 +9,8 @@ one tensor's receive buffer. It runs in ``configure_model``, before Lightning re
 
 Used for a folder of full weights in safetensors whose tensors are named as the model's parameters (a
 ``save_pretrained`` folder, e.g. an SFT export), without new LoRA adapters; other sources (Hub ids, the embedded
-model, adapter folders, LoRA runs, ``.bin`` files) load whole in every process as before.
+model, adapter folders, LoRA runs, ``.bin`` files, and a reference whose log-probs are precomputed: its cache key
+fingerprints the whole weights) load whole in every process as before.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from personalm.paths import run_folder
+
 
 class FSDP2Strategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` for fully sharded data parallel: every process of every node in the
@@ -207,8 +209,8 @@ def _deepspeed_fp32_state_dict(module) -> dict:
     import shutil
 
     trainer = module.trainer
-    log_dir = trainer.log_dir  # a collective: every process asks
-    made = tempfile.mkdtemp(prefix="personalm-zero-", dir=log_dir) if trainer.is_global_zero else None
+    run = run_folder(trainer)  # a collective the first time: every process asks
+    made = tempfile.mkdtemp(prefix="personalm-zero-", dir=run) if trainer.is_global_zero else None
     folder = Path(trainer.strategy.broadcast(made))
     trainer.save_checkpoint(folder / "last.ckpt")
     state = {}
