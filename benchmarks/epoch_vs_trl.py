@@ -6,8 +6,10 @@
 
 Models: ``embedded`` (the demo's tiny Llama, 1,024-token vocabulary) and ``llama32k`` (a Llama config of
 ~30M parameters, 32,000-token vocabulary, 1,024 positions, random weights under a fixed seed, with the
-Mistral-7B SentencePiece tokenizer from the ``mistral-common`` wheel: real token counts). Rows: ``demo``
-(the embedded demo's short rows) and ``realistic`` (the synthetic generator's heavy-tailed lengths,
+Mistral-7B SentencePiece tokenizer from the ``mistral-common`` wheel: real token counts); on request
+``llama32k-deep`` (~125M parameters, 12 layers of width 768, the same vocabulary and tokenizer: the layers
+outweigh the 32k-token head per token, as in a 7B model, where llama32k's head outweighs its 4 small layers).
+Rows: ``demo`` (the embedded demo's short rows) and ``realistic`` (the synthetic generator's heavy-tailed lengths,
 ``personalm.data.synthetic.LengthModel``: log-normal post bodies of median 120 words, comments of median
 40; prompt budget 512, sequence 1,024 tokens as in the paper).
 
@@ -51,6 +53,9 @@ SHAPES = {"demo": dict(max_length=256, max_prompt_length=None),
           "realistic": dict(max_length=1024, max_prompt_length=512)}
 LLAMA32K = dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+LLAMA32K_DEEP = dict(LLAMA32K, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                     num_key_value_heads=4)
+CONFIGS = {"llama32k": LLAMA32K, "llama32k-deep": LLAMA32K_DEEP}
 TAG = "EPOCH_RESULT "
 LR = 1e-5
 
@@ -65,7 +70,7 @@ def build_model(name: str, out: Path) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = out / "llama32k"
+    folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     (folder / "tokenizer.model").write_bytes(spm.read_bytes())
@@ -75,7 +80,7 @@ def build_model(name: str, out: Path) -> str:
     tok = AutoTokenizer.from_pretrained(folder)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **LLAMA32K))
+    model = LlamaForCausalLM(LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **CONFIGS[name]))
     model.save_pretrained(folder)
     return str(folder)
 
