@@ -105,14 +105,20 @@ def _load(kind: str, name_or_path: str, dtype: Optional[str], lora: Optional[Lor
         model = peft_auto.from_pretrained(source, dtype=torch_dtype, is_trainable=True, **extra)
     else:
         model = auto.from_pretrained(source, dtype=torch_dtype, **extra)
-    if kind == "causal" and model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = model.config.pad_token_id
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    finish_loading(model, gradient_checkpointing, causal=kind == "causal")
     if lora is not None and not hasattr(model, "peft_config"):
         model = add_lora(model, lora, kind)
     model.train()
     return model
+
+
+def finish_loading(model, gradient_checkpointing: bool, causal: bool = True) -> None:
+    """What a loaded model gets however it was built: a causal LM's generation pad id defaulting to the model's,
+    and gradient checkpointing when asked."""
+    if causal and model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
 
 
 def add_lora(model, lora: LoraSettings, kind: str = "causal"):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from personalm.models import resolve
+from personalm.models.loading import finish_loading
 from personalm.paths import is_embedded
 
 
@@ -65,10 +66,7 @@ def empty_causal_lm(folder: Path, dtype: Optional[str], gradient_checkpointing: 
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = model.config.pad_token_id
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    finish_loading(model, gradient_checkpointing)
     return model.train()
 
 
