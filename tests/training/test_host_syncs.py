@@ -116,7 +116,9 @@ class RecordSyncs(Callback):
 
 
 @pytest.mark.parametrize("how", [[], ["--model.init_args.precompute_reference=true"],
-                                 ["--data.pair_packing=none"]], ids=["live-packed", "precomputed", "padded"])
+                                 ["--data.pair_packing=none"],
+                                 ["--model.init_args.precompute_reference=true", "--data.pair_packing=none"]],
+                         ids=["live-packed", "precomputed-packed", "live-padded", "precomputed-padded"])
 def test_dpo_steps_between_logging_steps_do_not_sync_the_host(how, sft_run, train_compred, tmp_path):
     """8 optimizer steps of 2 micro-batches, logging every 4 steps, a checkpoint every 4 steps (with the log) and a
     time trigger that is always due: the micro-batches of steps that do not log call no syncing op."""
