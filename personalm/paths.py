@@ -7,7 +7,7 @@ A run's own folder, whatever the logger, is ``<default_root_dir>/lightning_logs/
 its checkpoints (``checkpoints/``), its Hugging Face export (``hf_model``), ``config.yaml``,
 ``test_metrics.json`` and, by default, its predictions go there, so ``--ckpt_path last`` and the study find
 them under any Lightning logger. With the default TensorBoard logger (or a CSV logger with its default name and
-folder) the run's folder is the logger's own, as Lightning lays it out: one folder per run, the logs beside the
+folder), first in the list of loggers or not, the run's folder is the logger's own, as Lightning lays it out: one folder per run, the logs beside the
 checkpoints. Any other logger (W&B, MLflow, a CSV logger with its own ``name`` or ``save_dir``, none) writes its
 logs where it writes them, and the run's folder is the next free ``version_<N>``: two runs never share one
 (W&B's and MLflow's folders are not versioned by run), and a run resumed with ``--ckpt_path last`` goes on in
@@ -123,9 +123,10 @@ def _pick(trainer) -> Path:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     parent = Path(trainer.default_root_dir) / RUNS
-    first = trainer.loggers[0] if trainer.loggers else None
-    if isinstance(first, (TensorBoardLogger, CSVLogger)) and Path(first.root_dir).resolve() == parent.resolve():
-        folder = Path(first.log_dir)  # the default logger's folder is the run's (its version, as before)
+    own = next((logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))
+                and Path(logger.root_dir).resolve() == parent.resolve()), None)
+    if own is not None:  # a TensorBoard or CSV logger writing into the run folders (first or not): its folder is
+        folder = Path(own.log_dir)  # the run's, as the CLI's resume assumes when it sets their version
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,15 @@ def test_the_default_loggers_folder_is_the_runs(tmp_path):
     assert folder == Path(logger.log_dir) == tmp_path / "lightning_logs" / "version_2" and folder.is_dir()
 
 
+def test_a_tensorboard_logger_after_another_logger_still_names_the_run(tmp_path):
+    """[W&B-like, TensorBoard in the run folders]: the run's folder is TensorBoard's, not a second version."""
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)
+    tensorboard = TensorBoardLogger(save_dir=tmp_path)
+    folder = run_folder(FakeTrainer(tmp_path, DummyLogger(), tensorboard))
+    assert folder == Path(tensorboard.log_dir) == tmp_path / "lightning_logs" / "version_1"
+    assert [p.name for p in runs(tmp_path)] == ["version_0", "version_1"]
+
+
 def test_other_loggers_each_get_the_next_free_version_once(tmp_path):
     other = FakeTrainer(tmp_path, DummyLogger())  # as W&B or MLflow: a logger with folders of its own
     csv = FakeTrainer(tmp_path, CSVLogger(tmp_path, name="csv"))  # its own name: its logs are not the run's
