@@ -25,7 +25,7 @@ from personalm.training.decoding import GenerationSettings
 from personalm.training.logprobs import runs_packed_rows
 from personalm.training.precision import TrainingPrecision
 from personalm.training.resume import planned_steps, restore_rng, restore_state, save_state
-from personalm.training.sharded_loading import empty_causal_lm, fill_shards, streamable_folder
+from personalm.training.sharded_loading import EmptyModel, empty_for_shards, fill_shards
 from personalm.training.sharding import data_parallel_mesh, full_state_dict, is_sharded, shard
 
 
@@ -148,8 +148,8 @@ class CausalLMModule(TrainingPrecision, L.LightningModule):
             return
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
         mesh = data_parallel_mesh(self)
-        streamed = self.empty_model() if mesh is not None else None  # FSDP2: only this process's shards in memory
-        self.model = streamed or self.load_model()
+        empty = self.empty_model() if mesh is not None else None  # FSDP2: only this process's shards in memory
+        self.model = empty.model if empty is not None else self.load_model()
         use_attention(self.model, self.hparams.get("attention"))
         if self.training_run:
             self._hold_trainable_in_fp32(self.model, say=True)
@@ -159,23 +159,22 @@ class CausalLMModule(TrainingPrecision, L.LightningModule):
         self.prepare_model()
         if mesh is not None:
             shard(self.model, mesh, self.bf16_compute)
-        if streamed is not None:
-            fill_shards(self.model, streamable_folder(self.hparams.model_name_or_path), self.shard_device)
+        if empty is not None:
+            fill_shards(self.model, empty.folder, self.shard_device)
             rank_zero_info(f"[personalm] {self.hparams.model_name_or_path} loaded straight into the shards (FSDP2)")
 
     @property
     def shard_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
-    def empty_model(self):
+    def empty_model(self) -> Optional[EmptyModel]:
         """Under FSDP2: the model on the meta device, to be filled shard by shard from its safetensors files
         (``personalm.training.sharded_loading``); None where it loads whole (not a causal LM folder of full
         safetensors weights, or new LoRA adapters to add)."""
         hp = self.hparams
-        folder = streamable_folder(hp.model_name_or_path)
-        if folder is None or self.load_lora is not None or type(self).load_model is not CausalLMModule.load_model:
+        if self.load_lora is not None or type(self).load_model is not CausalLMModule.load_model:
             return None
-        return empty_causal_lm(folder, self.load_dtype, hp.gradient_checkpointing and self.training_run)
+        return empty_for_shards(hp.model_name_or_path, self.load_dtype, hp.gradient_checkpointing and self.training_run)
 
     def prepare_model(self) -> None:
         """What a subclass does to the loaded model before it is sharded (DPO: dropout off)."""

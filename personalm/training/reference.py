@@ -23,7 +23,7 @@ from personalm.models.rng import rng_untouched
 from personalm.paths import is_embedded
 from personalm.training.attention import use_attention
 from personalm.training.logprobs import SequenceLogprobs, sequence_logps
-from personalm.training.sharded_loading import empty_causal_lm, fill_shards, streamable_folder
+from personalm.training.sharded_loading import empty_for_shards, fill_shards
 from personalm.training.sharding import data_parallel_mesh, reshard, shard
 
 TRAINED_AGAINST = "personalm_dpo.json"  # in a DPO export: the reference it was trained against
@@ -134,11 +134,10 @@ class Reference:
         if not self._frozen:
             mesh = data_parallel_mesh(m)
             # FSDP2: filled shard by shard from its files (not when precomputing: the cache key needs it whole)
-            folder = streamable_folder(self.source) if mesh is not None and not m.hparams.precompute_reference \
-                else None
-            ref = empty_causal_lm(folder, self.dtype) if folder is not None else None
+            empty = empty_for_shards(self.source, self.dtype) \
+                if mesh is not None and not m.hparams.precompute_reference else None
+            ref = empty.model if empty is not None else None
             if ref is None:
-                folder = None
                 with rng_untouched(m.device):  # loading the reference must not change the training's randomness
                     ref = load_causal_lm(self.source, self.dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
@@ -154,8 +153,8 @@ class Reference:
             if mesh is not None:  # FSDP2: each process holds 1/N of the reference too
                 shard(ref, mesh, m.bf16_compute)
                 rank_zero_info(f"[personalm] the reference is sharded over {mesh.size()} processes (FSDP2)")
-            if folder is not None:
-                fill_shards(ref, folder, m.shard_device)
+            if empty is not None:
+                fill_shards(ref, empty.folder, m.shard_device)
             self._frozen.append(ref)
         ref = self._frozen[0]
         if ref.device != m.device:

@@ -15,6 +15,7 @@ fingerprints the whole weights) load whole in every process as before.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,23 @@ def streamable_folder(name_or_path: str) -> Optional[Path]:
     if not folder.is_dir() or (folder / "adapter_config.json").exists() or not any(folder.glob("*.safetensors")):
         return None
     return folder
+
+
+@dataclass
+class EmptyModel:
+    """A causal LM with its parameters on the meta device, and the folder whose files fill its shards."""
+
+    model: nn.Module
+    folder: Path
+
+
+def empty_for_shards(name_or_path: str, dtype: Optional[str],
+                     gradient_checkpointing: bool = False) -> Optional[EmptyModel]:
+    """``name_or_path``'s model on the meta device, to be sharded and then filled (``fill_shards``) from its
+    folder; None where it loads whole (not a local folder of full safetensors weights named as the model's)."""
+    folder = streamable_folder(name_or_path)
+    model = empty_causal_lm(folder, dtype, gradient_checkpointing) if folder is not None else None
+    return EmptyModel(model, folder) if model is not None else None
 
 
 def weight_index(folder: Path) -> dict[str, Path]:
