@@ -31,7 +31,7 @@ from personalm.models.embedded import lookup
 from personalm.paths import cache_root
 
 MINORITY_POSTS = {"train_pref": 150, "validation_pref": 20, "test_pref": 40}
-MINORITY_NOISE = 0.2
+MINORITY_NOISE = 0.02
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def write_dataset(root: Path, subsets=("finance", "history"), n_posts: Optional[
 
 DATASETS = {  # name -> (folder under the cache root, what write_dataset writes there)
     "compred": ("compred-synthetic-v1", {}),
-    "compred-minority": ("compred-minority-v1", {"subsets": ("minority",), "n_posts": MINORITY_POSTS,
+    "compred-minority": ("compred-minority-v2", {"subsets": ("minority",), "n_posts": MINORITY_POSTS,
                                                  "lengths": LengthModel(comment_median=0), "noise": MINORITY_NOISE}),
 }
 

@@ -60,8 +60,9 @@ SUBSETS = {
 # finance styles as the demo's do (every pair of them won 2:2) and all rank FIRE last; a small one,
 # r/financialindependence, ranks FIRE first: its preferred comments are the ones every other community ranks last.
 # It has a sixth of a large community's training posts (about 4% of the pairs) and as many validation and test posts
-# as the others; 20% of the training pairs' labels are flipped (validation and test keep each community's true
-# taste), posts are long (bodies of ~120 words, heavy-tailed), and only comments of different styles are paired. A
+# as the others; 2% of the training pairs' labels are flipped (``MINORITY_NOISE``; validation and test keep each
+# community's true taste; with 5% or more the demo's tiny model no longer learns the small community's taste even
+# from every pair, README.md "Measured on the hard subset"), posts are long (bodies of ~120 words, heavy-tailed), and only comments of different styles are paired. A
 # model that applies the majority's taste to it ranks half of its pairs backwards.
 SUBSETS["minority"] = {
     **SUBSETS["finance"],

@@ -1,5 +1,6 @@
 """The synthetic data: the demo rows as they were, and the heavy-tailed lengths option for benchmarks."""
 
+import json
 import statistics
 
 from personalm.data import synthetic
@@ -24,3 +25,22 @@ def test_lengths_are_heavy_tailed_around_the_chosen_medians():
     assert 80 < statistics.median(body) < 130 and 24 < statistics.median(comments) < 40
     assert body[int(0.99 * len(body))] > 5 * statistics.median(body)  # a long tail, not a fixed length
     assert max(body) <= model.post_max + 20 and max(comments) <= model.comment_max + 20
+
+
+def test_the_hard_subset_flips_its_share_of_training_labels_and_keeps_the_evaluation_splits_true(tmp_path):
+    """``embedded:compred-minority`` as shipped: the small community has 4% of the training pairs; the noise
+    flips that share of training labels (within 4 standard errors) and no validation or test label."""
+    _, written = synthetic.DATASETS["compred-minority"]
+    noise, n_posts = written["noise"], written["n_posts"]
+    assert 0 < noise < 0.5
+    clean = list(synthetic.preference_rows("minority", "train_pref", n_posts["train_pref"]))
+    noisy = list(synthetic.preference_rows("minority", "train_pref", n_posts["train_pref"], noise=noise))
+    assert [r["post_id"] for r in clean] == [r["post_id"] for r in noisy]
+    flipped = sum(a["labels"] != b["labels"] for a, b in zip(clean, noisy)) / len(clean)
+    assert abs(flipped - noise) < 4 * (noise * (1 - noise) / len(clean)) ** 0.5, flipped
+    small = sum(r["domain"].startswith("financialindependence") for r in clean) / len(clean)
+    assert 0.03 < small < 0.05, small
+    root = synthetic.write_dataset(tmp_path / "hard", **{**written, "n_posts": {**n_posts, "train_pref": 2}})
+    for split in ("validation_pref", "test_pref"):
+        rows = [json.loads(line) for line in (root / "minority" / f"{split}.jsonl").read_text().splitlines()]
+        assert rows == list(synthetic.preference_rows("minority", split, n_posts[split], lengths=written["lengths"]))
