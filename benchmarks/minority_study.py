@@ -10,7 +10,8 @@ each remedy alone, the shipped combination, and every training pair with and wit
 A seed's finished stages are skipped when it is run again. The summary, per DPO run: the small community's test
 accuracy, the macro and the worst, each as the mean over seeds with a 95% t interval over the seeds and the pooled
 Wilson interval over all seeds' pairs, then each seed's figure; the change against plain DPO per seed; the win rate
-against the model without context.
+against the model without context; for each run given every pair (``every_pair_<remedy>``), its change against
+plain DPO given every pair, per community.
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def summarize(reports: dict[int, dict]) -> str:
     for community in by[seeds[0]]["context"]["accuracy"]:
         means = [interval([by[s][n]["accuracy"][community][0] for s in seeds])[0] for n in names]
         lines.append(f"| {community} | " + " | ".join(pct(m) for m in means) + " |")
+    for name in [n for n in names if n.startswith("every_pair_")]:  # a remedy given every pair, per community
+        lines += ["", f"With every training pair, {name} minus every_pair per community (points; mean over seeds, "
+                  "95% t interval, each seed):", "", "| community | change | seeds |", "|---|---|---|"]
+        for community in by[seeds[0]]["context"]["accuracy"]:
+            diffs = [by[s][name]["accuracy"][community][0] - by[s]["every_pair"]["accuracy"][community][0]
+                     for s in seeds]
+            mean, low, high = interval(diffs)
+            lines.append(f"| {community} | {100 * mean:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) | "
+                         + ", ".join(f"{100 * d:+.1f}" for d in diffs) + " |")
     return "\n".join(lines)
 
 
