@@ -62,8 +62,9 @@ SUBSETS = {
 # It has a sixth of a large community's training posts (about 4% of the pairs) and as many validation and test posts
 # as the others; 2% of the training pairs' labels are flipped (``MINORITY_NOISE``; validation and test keep each
 # community's true taste; with 5% or more the demo's tiny model no longer learns the small community's taste even
-# from every pair, README.md "Measured on the hard subset"), posts are long (bodies of ~120 words, heavy-tailed), and only comments of different styles are paired. A
-# model that applies the majority's taste to it ranks half of its pairs backwards.
+# from every pair, README.md "Measured on the hard subset"), posts are long (bodies of ~120 words, heavy-tailed),
+# and only comments of different styles are paired. A model that applies the majority's taste to it ranks half of
+# its pairs backwards.
 SUBSETS["minority"] = {
     **SUBSETS["finance"],
     "communities": ["personalfinance", "wallstreetbets", "Frugal", "investing", "financialindependence"],

@@ -28,19 +28,21 @@ def test_lengths_are_heavy_tailed_around_the_chosen_medians():
 
 
 def test_the_hard_subset_flips_its_share_of_training_labels_and_keeps_the_evaluation_splits_true(tmp_path):
-    """``embedded:compred-minority`` as shipped: the small community has 4% of the training pairs; the noise
-    flips that share of training labels (within 4 standard errors) and no validation or test label."""
+    """``embedded:compred-minority`` as written: the small community has 4% of the training pairs; the training
+    split's labels are flipped in the noise's share (within 4 standard errors) against the same rows without noise,
+    and no validation or test label is. The noise stays low: at 5% the demo's tiny model no longer learns the small
+    community even from every pair (README.md, "Measured on the hard subset")."""
     _, written = synthetic.DATASETS["compred-minority"]
-    noise, n_posts = written["noise"], written["n_posts"]
-    assert 0 < noise < 0.5
-    clean = list(synthetic.preference_rows("minority", "train_pref", n_posts["train_pref"]))
-    noisy = list(synthetic.preference_rows("minority", "train_pref", n_posts["train_pref"], noise=noise))
-    assert [r["post_id"] for r in clean] == [r["post_id"] for r in noisy]
-    flipped = sum(a["labels"] != b["labels"] for a, b in zip(clean, noisy)) / len(clean)
+    noise, n_posts, lengths = written["noise"], written["n_posts"], written["lengths"]
+    assert 0 < noise < 0.05
+    root = synthetic.write_dataset(tmp_path / "hard", **written)
+    read = {split: [json.loads(line) for line in (root / "minority" / f"{split}.jsonl").read_text().splitlines()]
+            for split in synthetic.SPLITS}
+    clean = list(synthetic.preference_rows("minority", "train_pref", n_posts["train_pref"], lengths=lengths))
+    assert [r["post_id"] for r in clean] == [r["post_id"] for r in read["train_pref"]]
+    flipped = sum(a["labels"] != b["labels"] for a, b in zip(clean, read["train_pref"])) / len(clean)
     assert abs(flipped - noise) < 4 * (noise * (1 - noise) / len(clean)) ** 0.5, flipped
     small = sum(r["domain"].startswith("financialindependence") for r in clean) / len(clean)
     assert 0.03 < small < 0.05, small
-    root = synthetic.write_dataset(tmp_path / "hard", **{**written, "n_posts": {**n_posts, "train_pref": 2}})
     for split in ("validation_pref", "test_pref"):
-        rows = [json.loads(line) for line in (root / "minority" / f"{split}.jsonl").read_text().splitlines()]
-        assert rows == list(synthetic.preference_rows("minority", split, n_posts[split], lengths=written["lengths"]))
+        assert read[split] == list(synthetic.preference_rows("minority", split, n_posts[split], lengths=lengths))
