@@ -6,12 +6,12 @@ The lowest layer: imports nothing of personalm.
 A run's own folder, whatever the logger, is ``<default_root_dir>/lightning_logs/version_<N>`` (``run_folder``): its
 checkpoints (``checkpoints/``), its Hugging Face export (``hf_model``), ``config.yaml``, ``test_metrics.json`` and,
 by default, its predictions go there, so ``--ckpt_path last`` and the study find them under any Lightning logger.
-With the default TensorBoard logger (or a CSV logger with its default name and folder), wherever it is in the list of
-loggers (the first such one where there are two), the run's folder is the logger's own, as Lightning lays it out: one folder per run, the logs beside the
-checkpoints. Any other logger (W&B, MLflow, a CSV logger with its own ``name`` or ``save_dir``, none) writes its
-logs where it writes them, and the run's folder is the next free ``version_<N>``: two runs never share one (W&B's
-and MLflow's folders are not versioned by run), and a run resumed with ``--ckpt_path last`` goes on in the folder of
-the run it resumes.
+With the default TensorBoard logger (or a CSV logger with its default name and folder), wherever it is in the list
+of loggers (the first such one where there are two), the run's folder is the logger's own, as Lightning lays it out:
+one folder per run, the logs beside the checkpoints. Any other logger (W&B, MLflow, a CSV logger with its own
+``name`` or ``save_dir``, none) writes its logs where it writes them, and the run's folder is the next free
+``version_<N>``: two runs never share one (W&B's and MLflow's folders are not versioned by run), and a run resumed
+with ``--ckpt_path last`` goes on in the folder of the run it resumes.
 """
 
 from __future__ import annotations
