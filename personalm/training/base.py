@@ -160,7 +160,7 @@ class CausalLMModule(TrainingPrecision, L.LightningModule):
         if mesh is not None:
             shard(self.model, mesh, self.bf16_compute)
         if empty is not None:
-            fill_shards(self.model, empty.folder, self.shard_device)
+            fill_shards(self.model, empty.files, self.shard_device)
             rank_zero_info(f"[personalm] {self.hparams.model_name_or_path} loaded straight into the shards (FSDP2)")
 
     @property

@@ -136,8 +136,9 @@ class Reference:
             # FSDP2: filled shard by shard from its files (not when precomputing: the cache key needs it whole)
             empty = empty_for_shards(self.source, self.dtype) \
                 if mesh is not None and not m.hparams.precompute_reference else None
-            ref = empty.model if empty is not None else None
-            if ref is None:
+            if empty is not None:
+                ref = empty.model
+            else:
                 with rng_untouched(m.device):  # loading the reference must not change the training's randomness
                     ref = load_causal_lm(self.source, self.dtype)
             if hasattr(ref, "peft_config"):  # an adapter-only SFT export: the reference is base + adapter
@@ -154,7 +155,7 @@ class Reference:
                 shard(ref, mesh, m.bf16_compute)
                 rank_zero_info(f"[personalm] the reference is sharded over {mesh.size()} processes (FSDP2)")
             if empty is not None:
-                fill_shards(ref, empty.folder, m.shard_device)
+                fill_shards(ref, empty.files, m.shard_device)
             self._frozen.append(ref)
         ref = self._frozen[0]
         if ref.device != m.device:

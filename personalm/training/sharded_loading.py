@@ -42,10 +42,10 @@ def streamable_folder(name_or_path: str) -> Optional[Path]:
 
 @dataclass
 class EmptyModel:
-    """A causal LM with its parameters on the meta device, and the folder whose files fill its shards."""
+    """A causal LM with its parameters on the meta device, and the safetensors files that fill its shards."""
 
     model: nn.Module
-    folder: Path
+    files: dict[str, Path]  # tensor name -> the file holding it (``weight_index``)
 
 
 def empty_for_shards(name_or_path: str, dtype: Optional[str],
@@ -53,8 +53,11 @@ def empty_for_shards(name_or_path: str, dtype: Optional[str],
     """``name_or_path``'s model on the meta device, to be sharded and then filled (``fill_shards``) from its
     folder; None where it loads whole (not a local folder of full safetensors weights named as the model's)."""
     folder = streamable_folder(name_or_path)
-    model = empty_causal_lm(folder, dtype, gradient_checkpointing) if folder is not None else None
-    return EmptyModel(model, folder) if model is not None else None
+    if folder is None:
+        return None
+    files = weight_index(folder)
+    model = empty_causal_lm(folder, files, dtype, gradient_checkpointing)
+    return EmptyModel(model, files) if model is not None else None
 
 
 def weight_index(folder: Path) -> dict[str, Path]:
@@ -68,17 +71,17 @@ def weight_index(folder: Path) -> dict[str, Path]:
     return index
 
 
-def empty_causal_lm(folder: Path, dtype: Optional[str], gradient_checkpointing: bool = False) -> Optional[nn.Module]:
-    """The model of ``folder`` with its parameters on the meta device and its buffers real; None when the
-    files do not name every parameter as the model does (then it loads the ordinary way)."""
+def empty_causal_lm(folder: Path, files: dict[str, Path], dtype: Optional[str],
+                    gradient_checkpointing: bool = False) -> Optional[nn.Module]:
+    """The model of ``folder`` with its parameters on the meta device and its buffers real; None when its
+    ``files`` do not name every parameter as the model does (then it loads the ordinary way)."""
     from accelerate import init_empty_weights  # a dependency of peft
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if dtype else config.dtype)
-    index = weight_index(folder)
-    if any(name not in index for name, _ in model.named_parameters()):  # tied copies are named once
+    if any(name not in files for name, _ in model.named_parameters()):  # tied copies are named once
         return None
     if (folder / "generation_config.json").is_file():  # as from_pretrained reads it
         from transformers import GenerationConfig
@@ -89,9 +92,9 @@ def empty_causal_lm(folder: Path, dtype: Optional[str], gradient_checkpointing: 
 
 
 @torch.no_grad()
-def fill_shards(model: nn.Module, folder: Path, device: torch.device) -> None:
-    """Allocate this process's shards of a sharded meta model on ``device`` and fill them from ``folder``'s
-    files; every process calls this (each tensor is a collective)."""
+def fill_shards(model: nn.Module, files: dict[str, Path], device: torch.device) -> None:
+    """Allocate this process's shards of a sharded meta model on ``device`` and fill them from ``files`` (tensor
+    name -> safetensors file); every process calls this (each tensor is a collective)."""
     import torch.distributed as dist
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -100,12 +103,11 @@ def fill_shards(model: nn.Module, folder: Path, device: torch.device) -> None:
     model.to_empty(device=device)
     for name, b in model.named_buffers():
         b.copy_(buffers.pop(name))
-    index = weight_index(folder)
     first = dist.get_rank() == 0
     for name, p in model.named_parameters():
         full = torch.empty(p.shape, dtype=p.dtype, device=device)
         if first:  # the file opened per tensor: its mapped pages are released with it
-            with safe_open(index[name], framework="pt") as f:
+            with safe_open(files[name], framework="pt") as f:
                 full.copy_(f.get_tensor(name))
         if isinstance(p, DTensor):
             p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
