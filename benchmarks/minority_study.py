@@ -1,7 +1,7 @@
 """The hard subset's evidence: the study on ``embedded:compred-minority`` over several seeds, plain DPO with context
 and each remedy side by side, summarized with 95% intervals.
 
-    python benchmarks/minority_study.py --root /tmp/minority                 # 3 seeds, ~70 min on 2 CPU cores
+    python benchmarks/minority_study.py --root /tmp/minority                 # 5 seeds, ~75 min on 2 CPU cores
     python benchmarks/minority_study.py --root /tmp/minority --seeds 0       # one seed
 
 Each seed is one run of ``python -m personalm.study --config configs/study/minority.yaml`` (its ``dpo_variants``:
@@ -105,7 +105,7 @@ def summarize(reports: dict[int, dict]) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--config", default=str(REPO / "configs" / "study" / "minority.yaml"))
     parser.add_argument("--study-args", nargs="*", default=[], help="more arguments for each study run")
     args = parser.parse_args(argv)

@@ -97,3 +97,27 @@ def test_generation_speed_small_setting_runs_both_backends_to_the_same_ids(tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| embedded |"))
     assert row.endswith("| 16 of 16 |") and "| float32 |" in row, row
+
+
+def test_minority_eta_rule_takes_the_largest_eta_no_community_pays_for():
+    """``benchmarks/minority_eta.py``'s summary (on made-up validation figures): the change against plain DPO on
+    every pair is averaged over seeds per community, and the default is the largest eta whose every community stays
+    within the tolerance; the table shows each eta."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import minority_eta
+    finally:
+        sys.path.pop(0)
+
+    def run(small, large, drop=0.0):
+        return {"r_financialindependence": small, "r_Frugal": large, "r_investing": large - drop,
+                "macro": (small + 2 * large - drop) / 3, "worst": min(small, large - drop)}
+    seeds = {seed: {"uniform cap": run(30, 70), ("cap", 0.0): run(60, 70), ("every", 0.0): run(80, 80),
+                    ("cap", 1.0): run(70, 72), ("every", 1.0): run(85, 80, drop=1.0 + seed),   # mean drop 1.5
+                    ("cap", 2.0): run(75, 72), ("every", 2.0): run(88, 80, drop=2.0 + 2 * seed),  # mean drop 3.0
+                    ("cap", 5.0): run(80, 70), ("every", 5.0): run(90, 80, drop=6.0)}
+             for seed in (0, 1)}
+    text = minority_eta.summarize(seeds, [0.0, 1.0, 2.0, 5.0], tolerance=3.0)
+    assert "| 2 | 75.0 / 73.0 / 72.0 | +0.0, +8.0, -3.0; +1.7 |" in text, text
+    assert text.endswith("no community by more than 3 points on every pair: 2"), text
+    assert minority_eta.summarize(seeds, [0.0, 1.0, 2.0, 5.0], tolerance=2.0).endswith(": 1")

@@ -20,7 +20,8 @@ COMMUNITIES, COUNTS = ["a", "b", "c"], [6, 3, 1]  # N = 10 training pairs
 
 
 def test_two_steps_by_hand():
-    """alpha starts at the shares [0.6, 0.3, 0.1]; eta 0.5; the scaled-sum loss L_g = (N / N_g) sum_g l / B.
+    """The reference code's rule (``eta_per: step``): alpha starts at the shares [0.6, 0.3, 0.1]; eta 0.5; the
+    scaled-sum loss L_g = (N / N_g) sum_g l / B.
 
     Step 1, one micro-batch: a, a, b with losses 1.0, 0.5, 2.0 (B = 3). The pair weights w_g = alpha_g N / N_g are
     all 1, so the objective is the plain mean 3.5 / 3. L = [(10/6)(1.5)/3, (10/3)(2)/3, 0] = [0.833333, 2.222222, 0]
@@ -31,7 +32,7 @@ def test_two_steps_by_hand():
     alpha: objectives 3.0 * 0.052044 * 10 = 1.561315 and 1.0 * 0.473671 * 10 / 6 = 0.789451. L = [(10/6)(1)/2, 0,
     10 * 3 / 2] = [0.833333, 0, 15]; b is absent (factor 1). alpha * exp(0.5 L) = [0.718509, 0.474286, 94.097440],
     sum 95.290235: alpha = [0.007540, 0.004977, 0.987483]."""
-    w = GroupWeights(GroupRobustSettings(eta=0.5, start="share"), COMMUNITIES, COUNTS)
+    w = GroupWeights(GroupRobustSettings(eta=0.5, eta_per="step", start="share"), COMMUNITIES, COUNTS)
     assert_close(w.alpha, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
     first = w.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"])
     assert_close(first, torch.tensor(3.5 / 3))
@@ -42,6 +43,41 @@ def test_two_steps_by_hand():
     w.step()
     assert_close(w.alpha, torch.tensor([0.0075402217, 0.0049772731, 0.9874825052], dtype=torch.float64))
     assert float(w.pairs) == 0 and float(w.loss_sums.abs().sum()) == 0  # the next step's sums start again
+
+
+def test_eta_per_epoch_scales_a_step_by_its_share_of_the_epoch():
+    """``eta_per: epoch`` (the default): step 1 of the example above (a, a, b with losses 1.0, 0.5, 2.0; B = 3,
+    N = 10) scales L = [0.833333, 2.222222, 0] by B / N = 0.3: the exponents are eta * sum_g l / N_g = 0.5 * [1.5 / 6,
+    2 / 3, 0] = [0.125, 0.333333, 0]; alpha * exp = [0.679889, 0.418684, 0.1], sum 1.198573: alpha = [0.567249,
+    0.349319, 0.083433]. The objective is the same as the reference rule's (only the update is scaled)."""
+    w = GroupWeights(GroupRobustSettings(eta=0.5), COMMUNITIES, COUNTS)
+    assert_close(w.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"]), torch.tensor(3.5 / 3))
+    w.step()
+    assert_close(w.alpha, torch.tensor([0.5672488748, 0.3493185627, 0.0834325625], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("per", ["epoch", "step"])
+def test_over_an_epoch_alpha_moves_by_eta_times_each_mean_loss_whatever_the_batch(per):
+    """The same 10 pairs (losses fixed) in one step, in steps of 5 and in steps of 1: with ``eta_per: epoch`` alpha
+    ends at softmax(log share + eta * each community's mean loss) every time; with the reference rule only the one
+    step of the whole epoch does (B / N = 1) and smaller batches move alpha further."""
+    groups = ["a", "b", "a", "c", "a", "b", "a", "a", "b", "a"]
+    losses = torch.tensor([0.2, 1.0, 0.4, 2.5, 0.3, 0.8, 0.1, 0.5, 1.2, 0.6], dtype=torch.float64)
+    ends = []
+    for size in (10, 5, 1):
+        w = GroupWeights(GroupRobustSettings(eta=2.0, eta_per=per), COMMUNITIES, COUNTS)
+        for start in range(0, 10, size):
+            w.objective(losses[start:start + size], groups[start:start + size])
+            w.step()
+        ends.append(w.alpha)
+    means = torch.tensor([2.1 / 6, 3.0 / 3, 2.5 / 1], dtype=torch.float64)
+    expected = torch.softmax(torch.log(torch.tensor(COUNTS, dtype=torch.float64) / 10) + 2.0 * means, dim=0)
+    if per == "epoch":
+        for end in ends:
+            assert_close(end, expected, rtol=0, atol=1e-12)
+    else:
+        assert_close(ends[0], expected, rtol=0, atol=1e-12)
+        assert float((ends[1] - expected).abs().max()) > 0.05 and float((ends[2] - expected).abs().max()) > 0.1
 
 
 def test_eta_0_is_the_baseline_its_start_implies():
@@ -70,7 +106,7 @@ def test_balanced_draws_are_weighted_back_out():
     shares [0.6, 0.3, 0.1] that is [1.8, 0.9, 0.3], so a large community's few draws count for its many pairs (eta 0
     is plain DPO's objective in expectation); the step's L_g divides by B q_g: c's one loss of 3.0 in a step of 3
     pairs gives 3.0 / (3 / 3) = 3.0, its mean loss, not the 30.0 of N / N_g scaling."""
-    w = GroupWeights(GroupRobustSettings(eta=1.0), COMMUNITIES, COUNTS, drawn=[1 / 3] * 3)
+    w = GroupWeights(GroupRobustSettings(eta=1.0, eta_per="step"), COMMUNITIES, COUNTS, drawn=[1 / 3] * 3)
     losses = torch.tensor([1.0, 1.0, 3.0], requires_grad=True)
     (grad,) = torch.autograd.grad(w.objective(losses, ["a", "b", "c"]), losses)
     assert_close(grad, torch.tensor([1.8, 0.9, 0.3]) / 3)
@@ -87,6 +123,8 @@ def test_large_losses_do_not_overflow_and_settings_are_checked():
     assert torch.isfinite(w.alpha).all() and float(w.alpha[2]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         GroupRobustSettings(eta=-1)
+    with pytest.raises(ValueError, match="eta_per must be epoch or step"):
+        GroupRobustSettings(eta_per="batch")
     with pytest.raises(ValueError, match="start must be share or uniform"):
         GroupRobustSettings(start="equal")
 
@@ -126,16 +164,17 @@ def test_reward_model_takes_the_same_weights(sft_run, small_compred, tmp_path):
     assert logged["train/group_robust/alpha/r_Frugal"][4] == pytest.approx(record["alpha"]["Frugal"], abs=1e-6)
 
 
-GR = '--model.init_args.group_robust={"eta": 2.0}'
+GR = '--model.init_args.group_robust={"eta": 2.0, "eta_per": "step"}'  # the reference rule: alpha moves in 6-8 steps
 
 
 @pytest.mark.slow
 def test_two_processes_hold_the_alpha_of_one_process_over_the_same_pairs(sft_run, small_compred, tmp_path):
     """DDP on 2 gloo processes with 4 pairs each a step, against 1 process with 8: the sampler's one shuffle puts
-    the same 8 pairs in each step, the per-community sums are reduced across processes, so alpha after 6 steps is
-    the same (1e-6), and so are the weights."""
+    the same 8 pairs in each step, the per-community sums and the step's pair count (``eta_per: epoch`` scales by
+    B / N) are reduced across processes, so alpha after 6 steps is the same (1e-6), and so are the weights."""
     sft, _ = sft_run
-    common = _dpo_args(tmp_path, small_compred, sft.model.export_path, "--trainer.max_steps=6", GR)
+    common = _dpo_args(tmp_path, small_compred, sft.model.export_path, "--trainer.max_steps=6",
+                       '--model.init_args.group_robust={"eta": 20.0, "eta_per": "epoch"}')
     one = main(["fit", *common, "--data.batch_size=8", f"--trainer.default_root_dir={tmp_path / 'one'}"])
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     two = subprocess.run([sys.executable, "-m", "personalm", "fit", *common, "--data.batch_size=4",
@@ -146,7 +185,9 @@ def test_two_processes_hold_the_alpha_of_one_process_over_the_same_pairs(sft_run
     export = next((tmp_path / "two").rglob("hf_model"))
     a, b = (json.loads((Path(p) / RECORD).read_text())["alpha"] for p in (one.model.export_path, export))
     assert a == pytest.approx(b, abs=1e-6)
-    assert max(a.values()) - min(a.values()) > 0.05  # alpha moved: the check can tell
+    record = json.loads((Path(one.model.export_path) / RECORD).read_text())
+    shares = {c: n / sum(record["pairs"].values()) for c, n in record["pairs"].items()}
+    assert max(abs(a[c] - shares[c]) for c in a) > 0.05  # alpha moved from its start: the check can tell
     assert safetensors_diff(one.model.export_path, export) <= 1e-5
 
 
