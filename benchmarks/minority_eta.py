@@ -7,7 +7,7 @@ Per seed: the demo's SFT recipe on ``embedded:compred-minority``, then from that
 ``group_robust: {eta, eta_per}`` for each eta (0: plain DPO), twice: under the cap of 800 pairs drawn with
 ``cap_floor: 100`` (as shipped) and on every training pair; plain DPO under the uniform cap too, for reference. Each
 DPO run is scored once at its end on every validation pair (180 per community, the true community in the prompt).
-A run's finished steps are skipped when it is run again.
+A finished run is skipped when the command is run again (an unfinished one starts again).
 
 Prints, per eta and as the mean over seeds: under the cap, the small community's validation accuracy, macro and the
 worst community; on every pair, each community's change against plain DPO on every pair. Then the rule the default
@@ -74,7 +74,9 @@ def summarize(results: dict[int, dict], etas: list[float], tolerance: float) -> 
     mean = lambda key, k: sum(results[s][key][k] for s in seeds) / len(seeds)  # noqa: E731
     communities = sorted(k for k in results[seeds[0]]["uniform cap"] if k.startswith("r_"))
     plain = ("every", 0.0)
-    change = lambda eta, c: sum(results[s][("every", eta)][c] - results[s][plain][c] for s in seeds) / len(seeds)  # noqa: E731
+
+    def change(eta: float, c: str) -> float:  # on every pair, against plain DPO there, mean over seeds
+        return sum(results[s][("every", eta)][c] - results[s][plain][c] for s in seeds) / len(seeds)
     small = "r_" + SMALL[2:]
     lines = [f"Validation accuracy (%), mean over seeds {seeds}; plain DPO under the uniform cap: {SMALL} "
              f"{mean('uniform cap', small):.1f}, macro {mean('uniform cap', 'macro'):.1f}, worst "
@@ -99,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
-    parser.add_argument("--etas", type=float, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--etas", type=float, nargs="+", default=[1.0, 2.0, 5.0, 10.0])
     parser.add_argument("--eta-per", choices=["epoch", "step"], default="epoch")
     parser.add_argument("--tolerance", type=float, default=3.0, help="points a community may lose on every pair")
     args = parser.parse_args()

@@ -1,6 +1,7 @@
 """The benchmark scripts' small settings run on CPU (the figures themselves are read, never asserted)."""
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -103,11 +104,9 @@ def test_minority_eta_rule_takes_the_largest_eta_no_community_pays_for():
     """``benchmarks/minority_eta.py``'s summary (on made-up validation figures): the change against plain DPO on
     every pair is averaged over seeds per community, and the default is the largest eta whose every community stays
     within the tolerance; the table shows each eta."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import minority_eta
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("minority_eta", REPO / "benchmarks" / "minority_eta.py")
+    minority_eta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minority_eta)
 
     def run(small, large, drop=0.0):
         return {"r_financialindependence": small, "r_Frugal": large, "r_investing": large - drop,

@@ -8,11 +8,12 @@ communities whose loss is high (mirror ascent):
 
     alpha_g <- alpha_g * exp(eta * L_g), then normalized to sum 1      (L_g = 0 for a community absent from the step)
 
-That is the reference code's rule (``eta_per: step``). Its alpha ends at start_g * exp(eta * sum over steps of L_g),
-so one eta moves alpha further the more steps a run has: on the hard subset the step size that helped under a cap of
-800 pairs (50 steps) cost the large communities when the same run had every pair (196 steps). The default,
-``eta_per: epoch``, scales each step's exponent by its share of an epoch (B / N): over an epoch log alpha_g grows by
-about eta times community g's mean loss, whatever the number of pairs and the batch size.
+That is the reference code's rule (``eta_per: step``). Its alpha ends proportional to start_g * exp(eta * the sum of
+L_g over the steps), so one eta moves alpha further the more steps a run has: on the hard subset the step size that
+helped under a cap of 800 pairs (50 steps) cost the large communities when the same run had every pair (196 steps).
+The default, ``eta_per: epoch``, scales each step's exponent by its share of an epoch (B / N): over an epoch log
+alpha_g grows (up to the normalization all communities share) by about eta times community g's mean loss, whatever
+the number of pairs and the batch size.
 
 The per-community loss here is the reference code's scaled sum, L_g = (N / N_g) * sum_{i in g} l_i / B (N_g: the
 community's training pairs, N all of them, B the step's pairs), an unbiased estimate of the community's mean loss
@@ -61,15 +62,16 @@ class GroupRobustSettings:
     recipes, seeds 42 and 43, every validation pair; ``python benchmarks/minority_eta.py``) among 1, 2, 5 and 10 per
     epoch, as the largest whose run on every training pair lowers no community by more than 3 points against plain DPO
     (5 lowered r/investing by 3.3, 10 r/wallstreetbets by 3.9); under the cap of 800 pairs with ``cap_floor: 100`` it
-    raised the small community from 68 to 76% and macro from 74 to 76%. Per step, 0.5 and above ended alpha (nearly) all
-    on one community and, with every pair, cost each large community 12-33 validation points (seed 42). The grids and
-    the test figures: README.md, "Measured on the hard subset"."""
+    raised the small community from 68 to 76% and macro from 74 to 76%. Per step, 0.5 and above ended alpha mostly
+    (0.83-1.0) on one community and, with every pair, cost each large community 13-33 validation points (seed 42). The
+    grids and the test figures: README.md, "Measured on the hard subset"."""
     eta_per: Literal["epoch", "step"] = "epoch"
-    """``step``: the reference code's rule, alpha_g *= exp(eta * L_g) at every optimizer step, so alpha ends at
-    start_g * exp(eta * the sum of L_g over the run's steps) and the same eta moves alpha further the more steps a run
-    has (more pairs, a smaller batch). ``epoch``: each step's exponent is scaled by its share of an epoch, B / N (B the
-    step's pairs, N the epoch's), so over one epoch log alpha_g grows by about eta times community g's mean loss,
-    whatever the number of pairs and the batch size (for a step: eta * sum_{i in g} l_i / (N q_g))."""
+    """``step``: the reference code's rule, alpha_g *= exp(eta * L_g) at every optimizer step, so alpha ends
+    proportional to start_g * exp(eta * the sum of L_g over the run's steps) and the same eta moves alpha further the
+    more steps a run has (more pairs, a smaller batch). ``epoch``: each step's exponent is scaled by its share of an
+    epoch, B / N (B the step's pairs over all micro-batches and processes, N the training split's pairs, as many as an
+    epoch draws), so over one epoch log alpha_g grows (up to the shared normalization) by about eta times community g's
+    mean loss, whatever the number of pairs and the batch size (for a step: eta * sum_{i in g} l_i / (N q_g))."""
     start: Literal["share", "uniform"] = "share"
     """Where alpha starts: ``share`` (N_g / N: eta 0 is plain DPO) or ``uniform`` (1 / G: eta 0 weighs each community
     by the inverse of its share of the training pairs)."""

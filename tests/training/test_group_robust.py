@@ -155,7 +155,8 @@ def test_reward_model_takes_the_same_weights(sft_run, small_compred, tmp_path):
     sft, _ = sft_run
     cli = main(["fit", *DEMO_REWARD, *quiet(tmp_path), f"--data.dataset={small_compred}",
                 f"--model.init_args.model_name_or_path={sft.model.export_path}", "--trainer.max_steps=5",
-                "--trainer.limit_val_batches=0", '--model.init_args.group_robust={"eta": 1.0, "start": "uniform"}',
+                "--trainer.limit_val_batches=0",
+                '--model.init_args.group_robust={"eta": 1.0, "eta_per": "step", "start": "uniform"}',
                 "--trainer.log_every_n_steps=1"])
     record = json.loads((Path(cli.model.export_path) / RECORD).read_text())
     assert len(record["alpha"]) == 8 and max(record["alpha"].values()) > 1 / 8 > min(record["alpha"].values())
