@@ -63,7 +63,7 @@ class GroupRobustSettings:
     epoch, as the largest whose run on every training pair lowers no community by more than 3 points against plain DPO
     (5 lowered r/investing by 3.3, 10 r/wallstreetbets by 3.9); under the cap of 800 pairs with ``cap_floor: 100`` it
     raised the small community from 68 to 76% and macro from 74 to 76%. Per step, 0.5 and above ended alpha mostly
-    (0.83-1.0) on one community and, with every pair, cost each large community 13-33 validation points (seed 42). The
+    (0.83-1.0) on one community and, with every pair, cost each large community 6-21 validation points on average. The
     grids and the test figures: README.md, "Measured on the hard subset"."""
     eta_per: Literal["epoch", "step"] = "epoch"
     """``step``: the reference code's rule, alpha_g *= exp(eta * L_g) at every optimizer step, so alpha ends
