@@ -2,9 +2,10 @@
 
     python benchmarks/minority_eta.py --root /tmp/minority-eta                    # seeds 42 and 43: ~30 min, 2 cores
     python benchmarks/minority_eta.py --root /tmp/minority-eta --eta-per step --etas 0.01 0.02 0.05 0.1 0.2 0.5 2 8
+    python benchmarks/minority_eta.py --root /tmp/minority-eta --decay 4 --etas 4 8 16
 
 Per seed: the demo's SFT recipe on ``embedded:compred-minority``, then from that export the demo's DPO recipe with
-``group_robust: {eta, eta_per}`` for each eta (0: plain DPO), twice: under the cap of 800 pairs drawn with
+``group_robust: {eta, eta_per, decay}`` for each eta (0: plain DPO), twice: under the cap of 800 pairs drawn with
 ``cap_floor: 100`` (as shipped) and on every training pair; plain DPO under the uniform cap too, for reference. Each
 DPO run is scored once at its end on every validation pair (180 per community, the true community in the prompt).
 A finished run is skipped when the command is run again (an unfinished one starts again).
@@ -50,11 +51,12 @@ def fit(config: str, out: Path, seed: int, extra: list[str]) -> dict:
     return json.loads(done.read_text())
 
 
-def gr(eta: float, per: str) -> list[str]:
-    return [] if eta == 0 else [f'--model.init_args.group_robust={{"eta": {eta}, "eta_per": "{per}"}}']
+def gr(eta: float, per: str, decay: float) -> list[str]:
+    return [] if eta == 0 else [
+        f'--model.init_args.group_robust={{"eta": {eta}, "eta_per": "{per}", "decay": {decay}}}']
 
 
-def run_seed(root: Path, seed: int, etas: list[float], per: str) -> dict:
+def run_seed(root: Path, seed: int, etas: list[float], per: str, decay: float) -> dict:
     from personalm.paths import runs
 
     fit("configs/demo/sft.yaml", root / f"sft-seed{seed}", seed, [])
@@ -63,9 +65,9 @@ def run_seed(root: Path, seed: int, etas: list[float], per: str) -> dict:
                                   [sft, *VALIDATE, *extra])
     out = {"uniform cap": dpo("uniform-cap", [])}
     for eta in etas:
-        name = f"eta{eta:g}" + ("" if eta == 0 else f"-per-{per}")
-        out[("cap", eta)] = dpo(f"cap-{name}", ["--data.cap_floor=100", *gr(eta, per)])
-        out[("every", eta)] = dpo(f"every-{name}", ["--data.max_train_pairs=null", *gr(eta, per)])
+        name = f"eta{eta:g}" + ("" if eta == 0 else f"-per-{per}" + (f"-decay{decay:g}" if decay else ""))
+        out[("cap", eta)] = dpo(f"cap-{name}", ["--data.cap_floor=100", *gr(eta, per, decay)])
+        out[("every", eta)] = dpo(f"every-{name}", ["--data.max_train_pairs=null", *gr(eta, per, decay)])
     return out
 
 
@@ -103,12 +105,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--etas", type=float, nargs="+", default=[1.0, 2.0, 5.0, 10.0])
     parser.add_argument("--eta-per", choices=["epoch", "step"], default="epoch")
+    parser.add_argument("--decay", type=float, default=0.0, help="group_robust.decay of every run with eta > 0")
     parser.add_argument("--tolerance", type=float, default=3.0, help="points a community may lose on every pair")
+    parser.add_argument("--summary", help="the summary's file name in --root (default: from --eta-per and --decay)")
     args = parser.parse_args()
     etas = sorted(set([0.0, *args.etas]))
-    results = {seed: run_seed(Path(args.root), seed, etas, args.eta_per) for seed in args.seeds}
-    text = f"eta per {args.eta_per}. " + summarize(results, etas, args.tolerance)
-    (Path(args.root) / f"summary-per-{args.eta_per}.md").write_text(text + "\n")
+    results = {seed: run_seed(Path(args.root), seed, etas, args.eta_per, args.decay) for seed in args.seeds}
+    decay = f"decay {args.decay:g}" if args.decay else "no decay"
+    text = f"eta per {args.eta_per}, {decay}. " + summarize(results, etas, args.tolerance)
+    name = args.summary or f"summary-per-{args.eta_per}" + (f"-decay{args.decay:g}" if args.decay else "") + ".md"
+    (Path(args.root) / name).write_text(text + "\n")
     print(text, flush=True)
 
 

@@ -1,8 +1,11 @@
 """The hard subset's evidence: the study on ``embedded:compred-minority`` over several seeds, plain DPO with context
 and each remedy side by side, summarized with 95% intervals.
 
-    python benchmarks/minority_study.py --root /tmp/minority                 # 5 seeds, ~75 min on 2 CPU cores
+    python benchmarks/minority_study.py --root /tmp/minority                 # 5 seeds, ~90 min on 2 CPU cores
     python benchmarks/minority_study.py --root /tmp/minority --seeds 0       # one seed
+    python benchmarks/minority_study.py --root /tmp/minority --seeds 5 6 7 8 9 \
+        --study-args='--dpo_variants={"every_pair": [...], "every_pair_shipped": [...]}'   # some runs only
+    python benchmarks/minority_study.py --root /tmp/minority --seeds 0 1 2 3 4 5 6 7 8 9 --summary-only
 
 Each seed is one run of ``python -m personalm.study --config configs/study/minority.yaml`` (its ``dpo_variants``:
 each remedy alone, the shipped combination, and every training pair with and without it) with ``--data.seed`` and
@@ -11,7 +14,8 @@ A seed's finished stages are skipped when it is run again. The summary, per DPO 
 accuracy, the macro and the worst, each as the mean over seeds with a 95% t interval over the seeds and the pooled
 Wilson interval over all seeds' pairs, then each seed's figure; the change against plain DPO per seed; the win rate
 against the model without context; for each run given every pair (``every_pair_<remedy>``), its change against
-plain DPO given every pair, per community.
+plain DPO given every pair, per community. Over seeds whose studies ran different runs, the summary has the runs
+every seed has.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def summarize(reports: dict[int, dict]) -> str:
     from personalm.evaluation.metrics import wilson_interval
 
     seeds = sorted(reports)
-    names = [v["name"] for v in reports[seeds[0]]["variants"]]
     by = {s: {v["name"]: v for v in reports[s]["variants"]} for s in seeds}
+    names = [n for n in by[seeds[0]] if all(n in by[s] for s in seeds)]  # the runs every seed has
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Seeds {seeds}; {SMALL}: {by[seeds[0]]['context']['accuracy'][SMALL][1]} test pairs per seed.", "",
              f"| DPO run | {SMALL} | vs plain | macro | vs plain | worst | win rate vs no context |",
@@ -108,9 +112,14 @@ def main(argv=None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--config", default=str(REPO / "configs" / "study" / "minority.yaml"))
     parser.add_argument("--study-args", nargs="*", default=[], help="more arguments for each study run")
+    parser.add_argument("--summary-only", action="store_true", help="summarize the seeds' reports, run nothing")
     args = parser.parse_args(argv)
     root = Path(args.root)
-    reports = {seed: run_seed(args.config, root, seed, args.study_args) for seed in args.seeds}
+    if args.summary_only:
+        reports = {seed: json.loads((root / f"seed{seed}" / "report" / "report.json").read_text())
+                   for seed in args.seeds}
+    else:
+        reports = {seed: run_seed(args.config, root, seed, args.study_args) for seed in args.seeds}
     table = summarize(reports)
     print("\n[minority_study]\n" + table, flush=True)
     (root / "summary.md").write_text(table + "\n")

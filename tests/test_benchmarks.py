@@ -100,13 +100,18 @@ def test_generation_speed_small_setting_runs_both_backends_to_the_same_ids(tmp_p
     assert row.endswith("| 16 of 16 |") and "| float32 |" in row, row
 
 
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_minority_eta_rule_takes_the_largest_eta_no_community_pays_for():
     """``benchmarks/minority_eta.py``'s summary (on made-up validation figures): the change against plain DPO on
     every pair is averaged over seeds per community, and the default is the largest eta whose every community stays
     within the tolerance; the table shows each eta."""
-    spec = importlib.util.spec_from_file_location("minority_eta", REPO / "benchmarks" / "minority_eta.py")
-    minority_eta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(minority_eta)
+    minority_eta = _load_benchmark("minority_eta")
 
     def run(small, large, drop=0.0):
         return {"r_financialindependence": small, "r_Frugal": large, "r_investing": large - drop,
@@ -120,3 +125,28 @@ def test_minority_eta_rule_takes_the_largest_eta_no_community_pays_for():
     assert "| 2 | 75.0 / 73.0 / 72.0 | +0.0, +8.0, -3.0; +1.7 |" in text, text
     assert text.endswith("no community by more than 3 points on every pair: 2"), text
     assert minority_eta.summarize(seeds, [0.0, 1.0, 2.0, 5.0], tolerance=2.0).endswith(": 1")
+
+
+def test_minority_study_summary_has_the_runs_every_seed_has_and_the_every_pair_changes():
+    """``benchmarks/minority_study.py``'s summary (on made-up reports): seeds 0 and 1 ran the whole study, seed 2 only
+    the runs on every pair (``--study-args='--dpo_variants=...'``): the table keeps the runs all three have, and the
+    change of ``every_pair_shipped`` against ``every_pair`` is per community, per seed, averaged with a t interval."""
+    study = _load_benchmark("minority_study")
+
+    def variant(name, small, large):
+        accuracy = {"r/Frugal": [large, 360], study.SMALL: [small, 360], "macro": [(small + large) / 2, None],
+                    "worst": [min(small, large), None]}
+        return {"name": name, "accuracy": accuracy, "win_rates": {"all": [0.5, 0.4, 0.6, 200]}}
+
+    def report(seed, *names):
+        runs = {"context": (0.3, 0.7), "shipped": (0.7, 0.7), "every_pair": (0.85, 0.8),
+                "every_pair_shipped": (0.9, 0.8 - 0.01 * seed)}  # r/Frugal 0, 1 and 2 points lower with the weights
+        return {"variants": [variant(n, *runs[n]) for n in names]}
+    everything = ("context", "shipped", "every_pair", "every_pair_shipped")
+    reports = {0: report(0, *everything), 1: report(1, *everything),
+               2: report(2, "context", "every_pair", "every_pair_shipped")}
+    text = study.summarize(reports)
+    assert "| shipped |" not in text and "| every_pair_shipped | 90.0 (90.0 to 90.0)" in text, text
+    assert "| r/Frugal | -1.0 (-3.5 to +1.5) | +0.0, -1.0, -2.0 |" in text, text
+    assert f"| {study.SMALL} | +5.0 (+5.0 to +5.0) | +5.0, +5.0, +5.0 |" in text, text
+    assert "shipped" in study.summarize({0: reports[0], 1: reports[1]}).split("Per community")[0]

@@ -42,7 +42,7 @@ class StudySettings:
     llm: Optional[LLMJudgeSettings] = None
     judge_max_length: int = 1024
     dpo_variants: dict[str, list[str]] = field(default_factory=dict)  # more DPO runs with context beside the plain
-    # one, name -> their DPO fit's extra arguments (e.g. {"robust": ['--model.init_args.group_robust={"eta": 2.0}']}):
+    # one, name -> their DPO fit's extra arguments (e.g. {"robust": ['--model.init_args.group_robust={"eta": 8.0}']}):
     # each from the same SFT model, tested, predicted and judged against the model without context; the report
     # shows them side by side (per community accuracy with n, macro, worst, weights alpha, win rates)
     seed: int = 0

@@ -20,8 +20,8 @@ COMMUNITIES, COUNTS = ["a", "b", "c"], [6, 3, 1]  # N = 10 training pairs
 
 
 def test_two_steps_by_hand():
-    """The reference code's rule (``eta_per: step``): alpha starts at the shares [0.6, 0.3, 0.1]; eta 0.5; the
-    scaled-sum loss L_g = (N / N_g) sum_g l / B.
+    """The reference code's rule (``eta_per: step``, ``decay: 0``): alpha starts at the shares [0.6, 0.3, 0.1]; eta
+    0.5; the scaled-sum loss L_g = (N / N_g) sum_g l / B.
 
     Step 1, one micro-batch: a, a, b with losses 1.0, 0.5, 2.0 (B = 3). The pair weights w_g = alpha_g N / N_g are
     all 1, so the objective is the plain mean 3.5 / 3. L = [(10/6)(1.5)/3, (10/3)(2)/3, 0] = [0.833333, 2.222222, 0]
@@ -32,7 +32,7 @@ def test_two_steps_by_hand():
     alpha: objectives 3.0 * 0.052044 * 10 = 1.561315 and 1.0 * 0.473671 * 10 / 6 = 0.789451. L = [(10/6)(1)/2, 0,
     10 * 3 / 2] = [0.833333, 0, 15]; b is absent (factor 1). alpha * exp(0.5 L) = [0.718509, 0.474286, 94.097440],
     sum 95.290235: alpha = [0.007540, 0.004977, 0.987483]."""
-    w = GroupWeights(GroupRobustSettings(eta=0.5, eta_per="step", start="share"), COMMUNITIES, COUNTS)
+    w = GroupWeights(GroupRobustSettings(eta=0.5, eta_per="step", decay=0.0, start="share"), COMMUNITIES, COUNTS)
     assert_close(w.alpha, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64))
     first = w.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"])
     assert_close(first, torch.tensor(3.5 / 3))
@@ -56,16 +56,68 @@ def test_eta_per_epoch_scales_a_step_by_its_share_of_the_epoch():
     assert_close(w.alpha, torch.tensor([0.5672488748, 0.3493185627, 0.0834325625], dtype=torch.float64))
 
 
+def test_decay_pulls_log_alpha_over_start_back_before_the_step_by_hand():
+    """``decay: 5`` per epoch, the epoch example's two steps. Step 1 starts at the start, so it is step 1 above:
+    alpha1 = [0.567249, 0.349319, 0.083433]. Step 2 (c with loss 3.0, then a with 1.0; B = 2, share 0.2): log(alpha1 /
+    start) = [-0.056132, 0.152202, -0.181132] times exp(-5 * 0.2) = 0.367879 is [-0.020650, 0.055992, -0.066635];
+    plus eta * share * L = 0.5 * 0.2 * [0.833333, 0, 15] = [0.083333, 0, 1.5]: [0.062684, 0.055992, 1.433365];
+    start * exp(that) = [0.638814, 0.317277, 0.419279], sum 1.375369: alpha = [0.464467, 0.230685, 0.304848]
+    (without decay: [0.460176, 0.260717, 0.279107])."""
+    alphas = {}
+    for decay in (5.0, 0.0):
+        w = GroupWeights(GroupRobustSettings(eta=0.5, decay=decay), COMMUNITIES, COUNTS)
+        w.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"])
+        w.step()
+        assert_close(w.alpha, torch.tensor([0.5672488748, 0.3493185627, 0.0834325625], dtype=torch.float64))
+        w.objective(torch.tensor([3.0]), ["c"])
+        w.objective(torch.tensor([1.0]), ["a"])
+        w.step()
+        alphas[decay] = w.alpha
+    assert_close(alphas[5.0], torch.tensor([0.4644672436, 0.2306847529, 0.3048480035], dtype=torch.float64))
+    assert float((alphas[0.0] - alphas[5.0]).abs().max()) > 0.02
+
+
+@pytest.mark.parametrize("per", ["epoch", "step"])
+def test_with_decay_alpha_settles_and_goes_back_to_its_start_once_the_losses_even_out(per):
+    """Steps of all 10 pairs (B = N: a share of 1 either way). While c's loss is higher, alpha settles at the fixed
+    point of z <- exp(-decay) z + eta L, z = log(alpha / start): softmax(log start + eta L / (1 - exp(-decay))).
+    Once every community's loss is the same, alpha goes back to its start with decay and stays where it was without
+    (equal losses move no community against another)."""
+    groups = ["a"] * 6 + ["b"] * 3 + ["c"]
+    behind = torch.tensor([0.3] * 6 + [0.5] * 3 + [1.5], dtype=torch.float64)
+    start = torch.tensor(COUNTS, dtype=torch.float64) / 10
+    ends = {}
+    for decay in (1.0, 0.0):
+        w = GroupWeights(GroupRobustSettings(eta=0.5, eta_per=per, decay=decay), COMMUNITIES, COUNTS)
+        for _ in range(60):
+            w.objective(behind, groups)
+            w.step()
+        if decay:
+            settled = torch.softmax(torch.log(start) + 0.5 * torch.tensor([0.3, 0.5, 1.5], dtype=torch.float64)
+                                    / (1 - math.exp(-decay)), dim=0)
+            assert_close(w.alpha, settled, rtol=0, atol=1e-12)
+        caught_up = w.alpha.clone()
+        for _ in range(60):
+            w.objective(torch.full((10,), 0.4, dtype=torch.float64), groups)
+            w.step()
+        ends[decay] = (caught_up, w.alpha)
+    assert_close(ends[1.0][1], start, rtol=0, atol=1e-12)
+    assert float(ends[1.0][0][2]) > 0.15  # it had moved: the check can tell
+    assert_close(ends[0.0][1], ends[0.0][0], rtol=0, atol=1e-12)
+    assert float(ends[0.0][1][2]) > 0.99
+
+
 @pytest.mark.parametrize("per", ["epoch", "step"])
 def test_over_an_epoch_alpha_moves_by_eta_times_each_mean_loss_whatever_the_batch(per):
-    """The same 10 pairs (losses fixed) in one step, in steps of 5 and in steps of 1: with ``eta_per: epoch`` alpha
+    """Without decay, the same 10 pairs (losses fixed) in one step, in steps of 5 and in steps of 1: with ``eta_per:
+    epoch`` alpha
     ends at softmax(log share + eta * each community's mean loss) every time; with the reference rule only the one
     step of the whole epoch does (B / N = 1) and smaller batches move alpha further."""
     groups = ["a", "b", "a", "c", "a", "b", "a", "a", "b", "a"]
     losses = torch.tensor([0.2, 1.0, 0.4, 2.5, 0.3, 0.8, 0.1, 0.5, 1.2, 0.6], dtype=torch.float64)
     ends = []
     for size in (10, 5, 1):
-        w = GroupWeights(GroupRobustSettings(eta=2.0, eta_per=per), COMMUNITIES, COUNTS)
+        w = GroupWeights(GroupRobustSettings(eta=2.0, eta_per=per, decay=0.0), COMMUNITIES, COUNTS)
         for start in range(0, 10, size):
             w.objective(losses[start:start + size], groups[start:start + size])
             w.step()
@@ -125,6 +177,8 @@ def test_large_losses_do_not_overflow_and_settings_are_checked():
         GroupRobustSettings(eta=-1)
     with pytest.raises(ValueError, match="eta_per must be epoch or step"):
         GroupRobustSettings(eta_per="batch")
+    with pytest.raises(ValueError, match="decay must be >= 0"):
+        GroupRobustSettings(decay=-0.5)
     with pytest.raises(ValueError, match="start must be share or uniform"):
         GroupRobustSettings(start="equal")
 
@@ -165,14 +219,16 @@ def test_reward_model_takes_the_same_weights(sft_run, small_compred, tmp_path):
     assert logged["train/group_robust/alpha/r_Frugal"][4] == pytest.approx(record["alpha"]["Frugal"], abs=1e-6)
 
 
-GR = '--model.init_args.group_robust={"eta": 2.0, "eta_per": "step"}'  # the reference rule: alpha moves in 6-8 steps
+# the reference rule: alpha carries every step's losses (a resume that lost it would show); it moves in 6-8 steps
+GR = '--model.init_args.group_robust={"eta": 2.0, "eta_per": "step", "decay": 0.0}'
 
 
 @pytest.mark.slow
 def test_two_processes_hold_the_alpha_of_one_process_over_the_same_pairs(sft_run, small_compred, tmp_path):
     """DDP on 2 gloo processes with 4 pairs each a step, against 1 process with 8: the sampler's one shuffle puts
     the same 8 pairs in each step, the per-community sums and the step's pair count (``eta_per: epoch`` scales by
-    B / N) are reduced across processes, so alpha after 6 steps is the same (1e-6), and so are the weights."""
+    B / N, and so does the default decay) are reduced across processes, so alpha after 6 steps is the same (1e-6),
+    and so are the weights."""
     sft, _ = sft_run
     common = _dpo_args(tmp_path, small_compred, sft.model.export_path, "--trainer.max_steps=6",
                        '--model.init_args.group_robust={"eta": 20.0, "eta_per": "epoch"}')
