@@ -8,14 +8,14 @@ and each remedy side by side, summarized with 95% intervals.
     python benchmarks/minority_study.py --root /tmp/minority --seeds 0 1 2 3 4 5 6 7 8 9 --summary-only
 
 Each seed is one run of ``python -m personalm.study --config configs/study/minority.yaml`` (its ``dpo_variants``:
-each remedy alone, the shipped combination, and every training pair with and without it) with ``--data.seed`` and
-``--seed_everything`` set to the seed (the subsample, the cap's draw and the shuffle change; the test pairs do not).
-A seed's finished stages are skipped when it is run again. The summary, per DPO run: the small community's test
-accuracy, the macro and the worst, each as the mean over seeds with a 95% t interval over the seeds and the pooled
-Wilson interval over all seeds' pairs, then each seed's figure; the change against plain DPO per seed; the win rate
-against the model without context; for each run given every pair (``every_pair_<remedy>``), its change against
-plain DPO given every pair, per community. Over seeds whose studies ran different runs, the summary has the runs
-every seed has.
+each remedy alone, the shipped combination, and every training pair with and without it, with two controls) with
+``--data.seed`` and ``--seed_everything`` set to the seed (the subsample, the cap's draw and the shuffle change; the
+test pairs do not). A seed's finished stages are skipped when it is run again. The summary, per DPO run: the small
+community's test accuracy, the macro and the worst, each as the mean over seeds with a 95% t interval over the seeds
+and the pooled Wilson interval over all seeds' pairs, then each seed's figure; the change against plain DPO per
+seed; the win rate against the model without context; for each run given every pair (``every_pair_<remedy>``), its
+change against plain DPO given every pair, per community. Over seeds whose studies ran different runs, the summary
+has the runs every seed has.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ communities whose loss is high (mirror ascent):
 
     alpha_g <- alpha_g * exp(eta * L_g), then normalized to sum 1      (L_g = 0 for a community absent from the step)
 
-That is the reference code's rule (``eta_per: step``). Its alpha ends proportional to start_g * exp(eta * the sum of
-L_g over the steps), so one eta moves alpha further the more steps a run has: on the hard subset the step size that
-helped under a cap of 800 pairs (50 steps) cost the large communities when the same run had every pair (196 steps).
+That is the reference code's rule (``eta_per: step`` with ``decay: 0``). Its alpha ends proportional to start_g *
+exp(eta * the sum of L_g over the steps), so one eta moves alpha further the more steps a run has: on the hard subset
+the step size that helped under a cap of 800 pairs (50 steps) cost the large communities when the same run had every
+pair (196 steps).
 The default, ``eta_per: epoch``, scales each step's exponent by its share of an epoch (B / N): over an epoch log
 alpha_g grows (up to the normalization all communities share) by about eta times community g's mean loss, whatever
 the number of pairs and the batch size.
@@ -29,15 +30,16 @@ L_g = sum_{i in g} l_i / (B q_g) and w_g = alpha_g / q_g then (the same formulas
 shuffle), so L_g still estimates the community's mean loss and ``start: share`` with ``eta: 0`` is still plain DPO's
 objective in expectation, the draws' bias weighted back out.
 
-``decay`` (4 per epoch by default; 0 is the reference rule) makes alpha return towards its start as the losses even
-out: each step multiplies log(alpha_g / start_g) by exp(-decay * share), share being the step's share of an epoch (1
-per step with ``eta_per: step``), before adding the step's eta * share * L_g. That is mirror ascent on sum_g alpha_g
-L_g - (decay / eta) KL(alpha || start), the KL-regularized group DRO (to first order in decay * share; the exponential
-keeps any decay stable): with losses held fixed alpha settles at about start_g * exp(eta L_g / decay), normalized, so
-alpha follows the losses of roughly the last 1 / decay epochs instead of adding up every loss since the start.
-Without it, a community that was behind early keeps its extra weight after it has caught up: on the hard subset with
-every training pair, the small community's alpha without decay rose over the first half of the run and stayed up;
-with decay it fell back to its start, while under a cap, where the community stays behind, it stayed up.
+``decay`` (per epoch, whatever ``eta_per``; 4 by default, 0 is the reference rule) makes alpha return towards its
+start as the losses even out: each step multiplies log(alpha_g / start_g) by exp(-decay * s), s = B / N being the
+step's share of an epoch, before adding the step's exponent (eta * s * L_g per epoch). That is mirror ascent on sum_g
+alpha_g L_g - (decay / eta) KL(alpha || start), the KL-regularized group DRO (to first order in decay * s; the
+exponential keeps any decay stable): with losses held fixed alpha settles at start_g * exp(eta * s * L_g / (1 -
+exp(-decay * s))), normalized, about start_g * exp(eta L_g / decay) when s is small, so alpha follows the losses of
+roughly the last 1 / decay epochs instead of adding up every loss since the start. Without it, a community
+that was behind early keeps its extra weight after it has caught up: on the hard subset with every training pair, the
+small community's alpha without decay rose over the first half of the run and stayed up; with decay it fell back
+towards its start, while under a cap, where the community stays behind longer, it stayed higher.
 
 The update happens once per optimizer step, from that step's losses (all micro-batches of an accumulation, summed
 across processes, so every process holds the same alpha); a step trains with the weights the previous step left.
@@ -75,19 +77,21 @@ class GroupRobustSettings:
     community by more than 2 points against plain DPO (16 lowered r/investing by 2.3). The grids and the test figures:
     README.md, "Measured on the hard subset"."""
     eta_per: Literal["epoch", "step"] = "epoch"
-    """``step``: the reference code's rule, alpha_g *= exp(eta * L_g) at every optimizer step, so alpha ends
-    proportional to start_g * exp(eta * the sum of L_g over the run's steps) and the same eta moves alpha further the
-    more steps a run has (more pairs, a smaller batch). ``epoch``: each step's exponent is scaled by its share of an
-    epoch, B / N (B the step's pairs over all micro-batches and processes, N the training split's pairs, as many as an
-    epoch draws), so over one epoch log alpha_g grows (up to the shared normalization) by about eta times community g's
-    mean loss, whatever the number of pairs and the batch size (for a step: eta * sum_{i in g} l_i / (N q_g))."""
+    """``step`` (with ``decay: 0``): the reference code's rule, alpha_g *= exp(eta * L_g) at every optimizer step, so
+    alpha ends proportional to start_g * exp(eta * the sum of L_g over the run's steps) and the same eta moves alpha
+    further the more steps a run has (more pairs, a smaller batch). ``epoch``: each step's exponent is scaled by its
+    share of an epoch, B / N (B the step's pairs over all micro-batches and processes, N the training split's pairs,
+    as many as an epoch draws), so over one epoch log alpha_g grows (up to the shared normalization) by about eta
+    times community g's mean loss, whatever the number of pairs and the batch size (for a step: eta * sum_{i in g}
+    l_i / (N q_g))."""
     decay: float = 4.0
-    """How fast alpha returns towards where it started, in the units of ``eta_per``: each step multiplies log(alpha_g
-    / start_g) by exp(-decay * the step's share of an epoch) (per step: exp(-decay)) before the update, so with steady
-    losses alpha settles at about start_g * exp(eta * L_g / decay), normalized: it follows the losses of the last
-    1 / decay epochs or so. On the hard subset with every pair, alpha on the small community rose while it was behind
-    and was back at its start by the end; under the cap, where it stays behind, alpha stayed up. 0: the reference
-    rule (every loss since the start adds up, so alpha keeps what it gained after the community caught up)."""
+    """How fast alpha returns towards where it started, per epoch (with either ``eta_per``): each step multiplies
+    log(alpha_g / start_g) by exp(-decay * the step's share of an epoch) before the update, so with steady losses
+    (``eta_per: epoch``) alpha settles at about start_g * exp(eta * L_g / decay), normalized: it follows the losses of
+    the last 1 / decay epochs or so. On the hard subset with every pair, alpha on the small community rose while it was
+    behind and was nearly back at its start by the end; under the cap, where it stays behind longer, alpha stayed
+    higher. 0: the reference rule (every loss since the start adds up, so alpha keeps what it gained after the
+    community caught up)."""
     start: Literal["share", "uniform"] = "share"
     """Where alpha starts: ``share`` (N_g / N: eta 0 is plain DPO) or ``uniform`` (1 / G: eta 0 weighs each community
     by the inverse of its share of the training pairs)."""
@@ -128,8 +132,8 @@ def epoch_share(pairs: torch.Tensor, epoch_pairs: torch.Tensor) -> torch.Tensor:
 
 def update(alpha: torch.Tensor, losses: torch.Tensor, eta: float, start: Optional[torch.Tensor] = None,
            keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """alpha_g * exp(eta * L_g), normalized (in log space: no overflow for large eta * L); with ``keep`` (in [0, 1]),
-    log(alpha_g / start_g) is first multiplied by it: alpha moves back towards ``start``."""
+    """alpha_g * exp(eta * L_g), normalized (in log space: no overflow for large eta * L); with ``keep`` (in [0, 1],
+    given with ``start``), log(alpha_g / start_g) is first multiplied by it: alpha moves back towards ``start``."""
     log_alpha = torch.log(alpha)
     if keep is not None:
         log_start = torch.log(start)
@@ -184,10 +188,11 @@ class GroupWeights:
         alpha; the sums start again."""
         sums = reduce(torch.cat([self.loss_sums, self.pairs.reshape(1)]))
         losses = group_losses(sums[:-1], sums[-1], self.drawn)
-        share = epoch_share(sums[-1], self.counts.sum()) if self.settings.eta_per == "epoch" else torch.ones_like(
-            sums[-1])
+        share = epoch_share(sums[-1], self.counts.sum())
+        if self.settings.eta_per == "epoch":
+            losses = losses * share
         keep = torch.exp(-self.settings.decay * share) if self.settings.decay > 0 else None
-        self.alpha = update(self.alpha, losses * share, self.settings.eta, self.start, keep)
+        self.alpha = update(self.alpha, losses, self.settings.eta, self.start, keep)
         self.loss_sums.zero_()
         self.pairs.zero_()
 

@@ -62,7 +62,8 @@ def test_decay_pulls_log_alpha_over_start_back_before_the_step_by_hand():
     start) = [-0.056132, 0.152202, -0.181132] times exp(-5 * 0.2) = 0.367879 is [-0.020650, 0.055992, -0.066635];
     plus eta * share * L = 0.5 * 0.2 * [0.833333, 0, 15] = [0.083333, 0, 1.5]: [0.062684, 0.055992, 1.433365];
     start * exp(that) = [0.638814, 0.317277, 0.419279], sum 1.375369: alpha = [0.464467, 0.230685, 0.304848]
-    (without decay: [0.460176, 0.260717, 0.279107])."""
+    (without decay: [0.460183, 0.260728, 0.279089]). With ``eta_per: step`` the pull is still per epoch,
+    exp(-decay * B / N) (step 2: exp(-0.2)), and the exponent is eta * L, unscaled."""
     alphas = {}
     for decay in (5.0, 0.0):
         w = GroupWeights(GroupRobustSettings(eta=0.5, decay=decay), COMMUNITIES, COUNTS)
@@ -74,7 +75,18 @@ def test_decay_pulls_log_alpha_over_start_back_before_the_step_by_hand():
         w.step()
         alphas[decay] = w.alpha
     assert_close(alphas[5.0], torch.tensor([0.4644672436, 0.2306847529, 0.3048480035], dtype=torch.float64))
-    assert float((alphas[0.0] - alphas[5.0]).abs().max()) > 0.02
+    assert_close(alphas[0.0], torch.tensor([0.460183, 0.260728, 0.279089], dtype=torch.float64), rtol=0, atol=1e-6)
+    per_step = GroupWeights(GroupRobustSettings(eta=0.5, eta_per="step", decay=1.0), COMMUNITIES, COUNTS)
+    start = torch.tensor(COUNTS, dtype=torch.float64) / 10
+    per_step.objective(torch.tensor([1.0, 0.5, 2.0]), ["a", "a", "b"])
+    per_step.step()
+    first = per_step.alpha
+    per_step.objective(torch.tensor([3.0]), ["c"])
+    per_step.objective(torch.tensor([1.0]), ["a"])
+    per_step.step()
+    pulled = torch.log(start) + math.exp(-1.0 * 2 / 10) * torch.log(first / start)
+    expected = torch.softmax(pulled + 0.5 * torch.tensor([10 / 12, 0.0, 15.0], dtype=torch.float64), dim=0)
+    assert_close(per_step.alpha, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("per", ["epoch", "step"])
@@ -109,10 +121,9 @@ def test_with_decay_alpha_settles_and_goes_back_to_its_start_once_the_losses_eve
 
 @pytest.mark.parametrize("per", ["epoch", "step"])
 def test_over_an_epoch_alpha_moves_by_eta_times_each_mean_loss_whatever_the_batch(per):
-    """Without decay, the same 10 pairs (losses fixed) in one step, in steps of 5 and in steps of 1: with ``eta_per:
-    epoch`` alpha
-    ends at softmax(log share + eta * each community's mean loss) every time; with the reference rule only the one
-    step of the whole epoch does (B / N = 1) and smaller batches move alpha further."""
+    """Without decay, the same 10 pairs (losses fixed) in one step, in steps of 5 and in steps of 1: with
+    ``eta_per: epoch`` alpha ends at softmax(log share + eta * each community's mean loss) every time; with the
+    reference rule only the one step of the whole epoch does (B / N = 1) and smaller batches move alpha further."""
     groups = ["a", "b", "a", "c", "a", "b", "a", "a", "b", "a"]
     losses = torch.tensor([0.2, 1.0, 0.4, 2.5, 0.3, 0.8, 0.1, 0.5, 1.2, 0.6], dtype=torch.float64)
     ends = []
@@ -210,7 +221,7 @@ def test_reward_model_takes_the_same_weights(sft_run, small_compred, tmp_path):
     cli = main(["fit", *DEMO_REWARD, *quiet(tmp_path), f"--data.dataset={small_compred}",
                 f"--model.init_args.model_name_or_path={sft.model.export_path}", "--trainer.max_steps=5",
                 "--trainer.limit_val_batches=0",
-                '--model.init_args.group_robust={"eta": 1.0, "eta_per": "step", "start": "uniform"}',
+                '--model.init_args.group_robust={"eta": 1.0, "eta_per": "step", "decay": 0.0, "start": "uniform"}',
                 "--trainer.log_every_n_steps=1"])
     record = json.loads((Path(cli.model.export_path) / RECORD).read_text())
     assert len(record["alpha"]) == 8 and max(record["alpha"].values()) > 1 / 8 > min(record["alpha"].values())
