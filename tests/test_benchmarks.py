@@ -150,3 +150,50 @@ def test_minority_study_summary_has_the_runs_every_seed_has_and_the_every_pair_c
     assert "| r/Frugal | -1.0 (-3.5 to +1.5) | +0.0, -1.0, -2.0 |" in text, text
     assert f"| {study.SMALL} | +5.0 (+5.0 to +5.0) | +5.0, +5.0, +5.0 |" in text, text
     assert "| shipped |" in study.summarize({0: reports[0], 1: reports[1]})
+
+
+def test_judge_agreement_counts_where_a_judge_and_the_truth_agree(tmp_path):
+    """``benchmarks/judge_agreement.py`` (on made-up predictions, a judge that always says A): each finished run
+    against the model without context, stale and unfinished folders left out; the agreement counts and both win
+    rates by hand."""
+    agreement = _load_benchmark("judge_agreement")
+    from personalm.evaluation.synthetic_judge import SyntheticJudge
+
+    careful = "Keep it boring: broad index funds, automatic contributions, and no panic selling."
+    bold = "YOLO it on GME before earnings, diamond hands, we are going to the moon."
+    posts = [("p1", careful, bold), ("p2", bold, careful), ("p3", bold, bold)]  # r/investing: careful > bold
+
+    def write(folder, column, done=True):
+        folder.mkdir(parents=True)
+        rows = [{"post_id": p, "community": "r/investing", "prompt_community": "r/investing", "title": "t",
+                 "post": "b", "prompt": "x", "response": texts[column]} for p, *texts in posts]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if done:
+            (folder / "done.json").write_text("{}")
+    write(tmp_path / "predict_no_context", 1)
+    write(tmp_path / "predict_context", 0)
+    write(tmp_path / "predict_context.stale-20261207-000000", 1)
+    write(tmp_path / "predict_half", 0, done=False)
+    runs = agreement.runs(tmp_path)
+    assert list(runs) == ["context"]
+
+    class SaysA:
+        def judge(self, items):
+            return ["A"] * len(items)
+    result = agreement.compare(runs["context"], SaysA(), SyntheticJudge(["minority"]))
+    assert result == {"posts": 3, "agree": 1, "decided": 2, "agree_decided": 1, "win_judge": 1.0, "win_truth": 0.5}
+    rows = [("0", "context", result), ("1", "context", result)]
+    assert "| 0 | context | 3 | 1/3 (33%) | 1/2 (50%) | 1.000 | 0.500 |" in agreement.table(rows)
+    pooled = agreement.table(agreement.pooled(rows))
+    assert "| 2 seeds | context | 6 | 2/6 (33%) | 2/4 (50%) | 1.000 | 0.500 |" in pooled
+
+
+def test_minority_study_intervals_use_t_quantiles_at_every_number_of_seeds():
+    """The 95% t interval over 20 seeds uses t(19), not the normal's 1.96 (values from a t table)."""
+    study = _load_benchmark("minority_study")
+    assert study.t975(9) == 2.262 and study.t975(19) == 2.093
+    for df, t in [(30, 2.0423), (40, 2.0211), (60, 2.0003), (120, 1.9799)]:
+        assert abs(study.t975(df) - t) < 5e-4, df
+    values = [0.0, 1.0] * 10  # sd 0.513, 20 seeds
+    mean, low, high = study.interval(values)
+    assert abs((high - mean) - 2.093 * 0.51299 / 20 ** 0.5) < 1e-4

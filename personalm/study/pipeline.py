@@ -40,6 +40,13 @@ COMPARISONS = {"judge_context_vs_no_context": ("predict_context", "predict_no_co
                "judge_context_vs_random": ("predict_context", "predict_random", "context", "random community")}
 
 
+JUDGE_NOTES = {"reward": "a reward model trained with the community in its input (Bradley-Terry), scoring both "
+                         "responses in the prompt of the true community",
+               "synthetic": "the synthetic data's own tastes (personalm.evaluation.synthetic_judge): the comment "
+                            "style of each response, ranked as the true community ranks it in the data; a response "
+                            "of no style below every style"}
+
+
 def variant_stages(name: str) -> dict[str, str]:
     """The stages of a DPO variant: its fit, test, predictions and judging against the model without context."""
     return {"dpo": f"dpo_{name}", "test": f"test_dpo_{name}", "predict": f"predict_{name}",
@@ -87,11 +94,9 @@ def write_report(folder: Path, needs: dict, s: StudySettings) -> dict:
     load = lambda name, key: json.loads(Path(output(needs[name], key)).read_text())  # noqa: E731
     data_note = ("synthetic demo data and a tiny model: these figures show the pipeline works, they are NOT "
                  "results about Reddit" if is_embedded(s.dataset) else f"dataset {s.dataset}")
-    judge_note = ("a reward model trained with the community in its input (Bradley-Terry), scoring both "
-                  "responses in the prompt of the true community" if s.judge == "reward"
-                  else f"LLM judge {s.llm.model if s.llm else ''} ("
-                  + ("each item in both orders: a win only where both agree, else a tie" if s.llm and
-                     s.llm.orders == "both" else "each item in one order, drawn per item") + ")")
+    judge_note = JUDGE_NOTES[s.judge] if s.judge != "llm" else f"LLM judge {s.llm.model if s.llm else ''} (" + (
+        "each item in both orders: a win only where both agree, else a tie" if s.llm and s.llm.orders == "both"
+        else "each item in one order, drawn per item") + ")"
     variants = [reporting.variant("context", load(TESTS["context"], "metrics"), None,
                                   load("judge_context_vs_no_context", "result"))]
     for name in s.dpo_variants:
@@ -144,6 +149,13 @@ def main(argv=None) -> dict:
             require_vllm()
         except VLLMUnavailable as err:
             raise SystemExit(f"[study] predict_backend vllm: {err}") from None
+    if s.judge == "synthetic":  # before any stage runs: only the synthetic subsets have known tastes
+        from personalm.evaluation.synthetic_judge import SyntheticJudge
+
+        try:
+            SyntheticJudge(s.subsets)
+        except ValueError as err:
+            raise SystemExit(f"[study] judge synthetic: {err}") from None
     if is_embedded(s.dataset) and is_embedded(s.base_model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: never wait on the network
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

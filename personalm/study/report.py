@@ -147,13 +147,22 @@ def win_rate_line(result: dict) -> str:
     overall = result["overall"]
     rate = "n/a" if overall["win_rate"] is None else f"{overall['win_rate']:.3f}"
     ci = "n/a" if overall["ci95"][0] is None else "{:.3f}-{:.3f}".format(*overall["ci95"])
-    both = ", each in both orders" if ((result.get("judge") or {}).get("stats") or {}).get("orders") == "both" else ""
+    stats = (result.get("judge") or {}).get("stats") or {}
+    both = ", each in both orders" if stats.get("orders") == "both" else ""
+    odd = f", {no_style(result)}" if no_style(result) else ""
     return (f"Win rate, {result['a']} vs {result['b']}: {rate} (95% CI {ci}, {overall['n']} posts{both}, "
-            f"{overall['failed']} failed verdicts); per community in the report")
+            f"{overall['failed']} failed verdicts{odd}); per community in the report")
+
+
+def no_style(result: dict) -> str:
+    """How many responses of each side the synthetic judge found in none of the data's styles ("" for the others)."""
+    odd = (((result.get("judge") or {}).get("stats") or {}).get("unrecognized"))
+    return f"responses of no style: {odd['a']} of {result['a']}'s, {odd['b']} of {result['b']}'s" if odd else ""
 
 
 def markdown(report: StudyReport) -> str:
     sections = "\n\n".join(f"### {c['a'].capitalize()} vs {c['b']}\n\n{judging.format_table(c)}"
+                           + (f"\n\nThe judge found {no_style(c)}." if no_style(c) else "")
                            for c in report.comparisons)
     return f"""# personalm study report
 

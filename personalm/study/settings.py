@@ -38,7 +38,8 @@ class StudySettings:
     args: dict[str, list[str]] = field(default_factory=dict)
     predict_backend: Literal["hf", "vllm"] = "hf"  # vllm: the prediction stages generate with vLLM, one process
     # (its GPUs through --args '{"predict": ["--model.init_args.generation.vllm.tensor_parallel_size=8"]}')
-    judge: Literal["reward", "llm"] = "reward"
+    judge: Literal["reward", "llm", "synthetic"] = "reward"  # synthetic: the synthetic data's known tastes decide
+    # (personalm.evaluation.synthetic_judge; only for the synthetic subsets, any folder they were written to)
     llm: Optional[LLMJudgeSettings] = None
     judge_max_length: int = 1024
     dpo_variants: dict[str, list[str]] = field(default_factory=dict)  # more DPO runs with context beside the plain

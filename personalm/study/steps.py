@@ -148,6 +148,10 @@ class Steps:
             llm = self.s.llm
             return LLMJudge(llm.base_url, llm.model, llm.api_key_env, max_calls=llm.max_calls, seed=self.s.seed,
                             store=store, concurrency=llm.concurrency, orders=llm.orders)
+        if self.s.judge == "synthetic":
+            from personalm.evaluation.synthetic_judge import SyntheticJudge
+
+            return SyntheticJudge(self.s.subsets)
         from personalm.evaluation.reward_judge import RewardJudge
 
         return RewardJudge(reward_model, max_length=self.s.judge_max_length, dtype=self.reward_dtype())

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from personalm import study
+from personalm.evaluation import judge as judging
+from personalm.evaluation.synthetic_judge import SyntheticJudge
 from personalm.study.steps import Steps
 from tests.helpers import kill_at, step_scalars, vllm_python
 
@@ -171,6 +173,30 @@ def test_a_dpo_variant_runs_beside_plain_dpo_and_the_report_shows_both(first, sm
     md = (root / "report" / "report.md").read_text()
     assert "## DPO variants, side by side" in md and "| community | pairs | context | robust |" in md
     assert "Weights alpha at the end of training:" in md
+
+
+def test_the_synthetic_judge_redoes_the_judging_alone_and_the_report_says_so(first, small_compred, tmp_path, capsys):
+    """The finished study, copied and rerun with ``judge: synthetic``: only the judge stages and the report run,
+    their verdicts are the synthetic judge's own on the same predictions, and the report names the judge and counts
+    the responses of no style. Where the tastes are unknown (a subset that is not synthetic) it stops first."""
+    root = tmp_path / "study"
+    shutil.copytree(first[0], root)
+    capsys.readouterr()
+    study.main([*study_args(root, small_compred), "--judge=synthetic"])
+    assert ran(capsys) == ["judge_context_vs_no_context", "judge_context_vs_random", "report"]
+    judged = json.loads((root / "judge_context_vs_no_context" / "judge.json").read_text())
+    direct = judging.compare(root / "predict_context" / "predictions.jsonl",
+                             root / "predict_no_context" / "predictions.jsonl", SyntheticJudge(["finance", "history"]),
+                             name_a="context", name_b="no context", seed=judged["seed"], n_boot=judged["n_boot"])
+    assert judged["judge"]["kind"] == "synthetic" and judged["overall"]["n"] > 0
+    assert (judged["overall"], judged["communities"]) == (direct["overall"], direct["communities"])
+    odd = judged["judge"]["stats"]["unrecognized"]
+    md = (root / "report" / "report.md").read_text()
+    assert "the synthetic data's own tastes" in md
+    assert f"responses of no style: {odd['a']} of context's, {odd['b']} of no context's" in md
+    with pytest.raises(SystemExit, match=r"judge synthetic: .*politics"):
+        study.main([*study_args(root, small_compred), "--judge=synthetic", "--subsets=[politics]"])
+    assert ran(capsys) == []
 
 
 def test_predict_backend_vllm_without_vllm_fails_before_any_stage(small_compred, tmp_path, monkeypatch):
