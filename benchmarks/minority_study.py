@@ -13,9 +13,10 @@ each remedy alone, the shipped combination, and every training pair with and wit
 test pairs do not). A seed's finished stages are skipped when it is run again. The summary, per DPO run: the small
 community's test accuracy, the macro and the worst, each as the mean over seeds with a 95% t interval over the seeds
 and the pooled Wilson interval over all seeds' pairs, then each seed's figure; the change against plain DPO per
-seed; the win rate against the model without context; for each run given every pair (``every_pair_<remedy>``), its
-change against plain DPO given every pair, per community. Over seeds whose studies ran different runs, the summary
-has the runs every seed has.
+seed; the win rate against the model without context (the study's judge; the config's: the synthetic data's own
+tastes), overall and on the small community; for each run given every pair (``every_pair_<remedy>``), its change
+against plain DPO given every pair, per community. Over seeds whose studies ran different runs, the summary has the
+runs every seed has.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def summarize(reports: dict[int, dict]) -> str:
     names = [n for n in by[seeds[0]] if all(n in by[s] for s in seeds)]  # the runs every seed has
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Seeds {seeds}; {SMALL}: {by[seeds[0]]['context']['accuracy'][SMALL][1]} test pairs per seed.", "",
-             f"| DPO run | {SMALL} | vs plain | macro | vs plain | worst | win rate vs no context |",
-             "|---|---|---|---|---|---|---|"]
+             f"| DPO run | {SMALL} | vs plain | macro | vs plain | worst | win rate vs no context | on {SMALL} |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in names:
         cells = []
         for key in (SMALL, "macro"):
@@ -94,9 +95,9 @@ def summarize(reports: dict[int, dict]) -> str:
             mean, low, high = interval(diffs)
             cells.append("" if name == "context" else f"{100 * mean:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})")
         worst = interval([by[s][name]["accuracy"]["worst"][0] for s in seeds])
-        rates = interval([by[s][name]["win_rates"]["all"][0] for s in seeds])
+        rates = [interval([by[s][name]["win_rates"][key][0] for s in seeds]) for key in ("all", SMALL)]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {pct(worst[0])} | "
-                     f"{rates[0]:.3f} ({rates[1]:.3f} to {rates[2]:.3f}) |")
+                     + " | ".join(f"{r[0]:.3f} ({r[1]:.3f} to {r[2]:.3f})" for r in rates) + " |")
     lines += ["", "Per community, mean over seeds (%):", "",
               "| community | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for community in by[seeds[0]]["context"]["accuracy"]:

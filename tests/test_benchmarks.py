@@ -136,7 +136,8 @@ def test_minority_study_summary_has_the_runs_every_seed_has_and_the_every_pair_c
     def variant(name, small, large):
         accuracy = {"r/Frugal": [large, 360], study.SMALL: [small, 360], "macro": [(small + large) / 2, None],
                     "worst": [min(small, large), None]}
-        return {"name": name, "accuracy": accuracy, "win_rates": {"all": [0.5, 0.4, 0.6, 200]}}
+        return {"name": name, "accuracy": accuracy, "win_rates": {"all": [0.5, 0.4, 0.6, 200],
+                                                                   study.SMALL: [small, 0.0, 1.0, 40]}}
 
     def report(seed, *names):
         runs = {"context": (0.3, 0.7), "shipped": (0.7, 0.7), "every_pair": (0.85, 0.8),
@@ -147,6 +148,7 @@ def test_minority_study_summary_has_the_runs_every_seed_has_and_the_every_pair_c
                2: report(2, "context", "every_pair", "every_pair_shipped")}
     text = study.summarize(reports)
     assert "| shipped |" not in text and "| every_pair_shipped | 90.0 (90.0 to 90.0)" in text, text
+    assert "| 80.0 | 0.500 (0.500 to 0.500) | 0.850 (0.850 to 0.850) |" in text, text  # every_pair: worst, win rates
     assert "| r/Frugal | -1.0 (-3.5 to +1.5) | +0.0, -1.0, -2.0 |" in text, text
     assert f"| {study.SMALL} | +5.0 (+5.0 to +5.0) | +5.0, +5.0, +5.0 |" in text, text
     assert "| shipped |" in study.summarize({0: reports[0], 1: reports[1]})
@@ -173,6 +175,7 @@ def test_judge_agreement_counts_where_a_judge_and_the_truth_agree(tmp_path):
     write(tmp_path / "predict_no_context", 1)
     write(tmp_path / "predict_context", 0)
     write(tmp_path / "predict_context.stale-20261207-000000", 1)
+    write(tmp_path / "predict_random", 1)  # the context model given a wrong community: not a run
     write(tmp_path / "predict_half", 0, done=False)
     runs = agreement.runs(tmp_path)
     assert list(runs) == ["context"]

@@ -43,8 +43,8 @@ COMPARISONS = {"judge_context_vs_no_context": ("predict_context", "predict_no_co
 JUDGE_NOTES = {"reward": "a reward model trained with the community in its input (Bradley-Terry), scoring both "
                          "responses in the prompt of the true community",
                "synthetic": "the synthetic data's own tastes (personalm.evaluation.synthetic_judge): the comment "
-                            "style of each response, ranked as the true community ranks it in the data; a response "
-                            "of no style below every style"}
+                            "style each response opens with, ranked as the true community ranks it in the data; a "
+                            "response of no style below every style"}
 
 
 def variant_stages(name: str) -> dict[str, str]:
@@ -149,9 +149,12 @@ def main(argv=None) -> dict:
             require_vllm()
         except VLLMUnavailable as err:
             raise SystemExit(f"[study] predict_backend vllm: {err}") from None
-    if s.judge == "synthetic":  # before any stage runs: only the synthetic subsets have known tastes
+    if s.judge == "synthetic":  # before any stage runs: only the synthetic data has known tastes
         from personalm.evaluation.synthetic_judge import SyntheticJudge
 
+        if not (is_embedded(s.dataset) or Path(s.dataset).is_dir()):
+            raise SystemExit(f"[study] judge synthetic: dataset {s.dataset} is neither embedded synthetic data nor a "
+                             f"folder it was written to; its tastes are not known")
         try:
             SyntheticJudge(s.subsets)
         except ValueError as err:

@@ -149,20 +149,27 @@ def win_rate_line(result: dict) -> str:
     ci = "n/a" if overall["ci95"][0] is None else "{:.3f}-{:.3f}".format(*overall["ci95"])
     stats = (result.get("judge") or {}).get("stats") or {}
     both = ", each in both orders" if stats.get("orders") == "both" else ""
-    odd = f", {no_style(result)}" if no_style(result) else ""
+    counts = style_counts(result)
+    odd = f", {counts}" if counts else ""
     return (f"Win rate, {result['a']} vs {result['b']}: {rate} (95% CI {ci}, {overall['n']} posts{both}, "
             f"{overall['failed']} failed verdicts{odd}); per community in the report")
 
 
-def no_style(result: dict) -> str:
-    """How many responses of each side the synthetic judge found in none of the data's styles ("" for the others)."""
-    odd = (((result.get("judge") or {}).get("stats") or {}).get("unrecognized"))
-    return f"responses of no style: {odd['a']} of {result['a']}'s, {odd['b']} of {result['b']}'s" if odd else ""
+def style_counts(result: dict) -> str:
+    """How many responses of each side the synthetic judge found in none of the data's styles, and how many opened a
+    style without completing one of its templates ("" for the other judges)."""
+    stats = (result.get("judge") or {}).get("stats") or {}
+    if "no_style" not in stats:
+        return ""
+    a, b = result["a"], result["b"]
+    return (f"responses of no style: {stats['no_style']['a']} of {a}'s, {stats['no_style']['b']} of {b}'s; "
+            f"opening a style but not one of its comments in full: {stats['incomplete']['a']} of {a}'s, "
+            f"{stats['incomplete']['b']} of {b}'s")
 
 
 def markdown(report: StudyReport) -> str:
     sections = "\n\n".join(f"### {c['a'].capitalize()} vs {c['b']}\n\n{judging.format_table(c)}"
-                           + (f"\n\nThe judge found {no_style(c)}." if no_style(c) else "")
+                           + (f"\n\nThe judge found {style_counts(c)}." if style_counts(c) else "")
                            for c in report.comparisons)
     return f"""# personalm study report
 

@@ -75,8 +75,14 @@ class Steps:
 
     def judge_settings(self) -> dict:
         s = self.s
+        rule = None
+        if s.judge == "synthetic":  # how it reads a response's style: a judge that reads otherwise judges again
+            from personalm.evaluation.synthetic_judge import OPENING_WORDS
+
+            rule = {"opening_words": OPENING_WORDS}
         return {"judge": s.judge, "llm": asdict(s.llm) if s.llm else None, "seed": s.seed, "n_boot": s.n_boot,
-                "max_length": s.judge_max_length, "dtype": self.reward_dtype() if s.judge == "reward" else None}
+                "max_length": None if rule else s.judge_max_length,
+                "dtype": self.reward_dtype() if s.judge == "reward" else None, **({"synthetic": rule} if rule else {})}
 
     def cli(self, subcommand: str, recipe: str, kind: str, folder: Path, model: str, *extra: str,
             last: Sequence[str] = ()):

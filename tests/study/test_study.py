@@ -190,12 +190,15 @@ def test_the_synthetic_judge_redoes_the_judging_alone_and_the_report_says_so(fir
                              name_a="context", name_b="no context", seed=judged["seed"], n_boot=judged["n_boot"])
     assert judged["judge"]["kind"] == "synthetic" and judged["overall"]["n"] > 0
     assert (judged["overall"], judged["communities"]) == (direct["overall"], direct["communities"])
-    odd = judged["judge"]["stats"]["unrecognized"]
+    odd, cut = judged["judge"]["stats"]["no_style"], judged["judge"]["stats"]["incomplete"]
     md = (root / "report" / "report.md").read_text()
     assert "the synthetic data's own tastes" in md
-    assert f"responses of no style: {odd['a']} of context's, {odd['b']} of no context's" in md
+    assert (f"responses of no style: {odd['a']} of context's, {odd['b']} of no context's; opening a style but not "
+            f"one of its comments in full: {cut['a']} of context's, {cut['b']} of no context's") in md
     with pytest.raises(SystemExit, match=r"judge synthetic: .*politics"):
         study.main([*study_args(root, small_compred), "--judge=synthetic", "--subsets=[politics]"])
+    with pytest.raises(SystemExit, match=r"judge synthetic: dataset allenai/compred is neither"):
+        study.main([*study_args(root, small_compred), "--judge=synthetic", "--dataset=allenai/compred"])
     assert ran(capsys) == []
 
 
