@@ -66,6 +66,10 @@ def run_seed(config: str, root: Path, seed: int, extra: list[str]) -> dict:
         args[kind] = args.get(kind, []) + values
     study.main(["--config", config, f"--root={root / f'seed{seed}'}", "--progress=false",
                 f"--args={json.dumps(args)}", *extra])
+    return read_report(root, seed)
+
+
+def read_report(root: Path, seed: int) -> dict:
     return json.loads((root / f"seed{seed}" / "report" / "report.json").read_text())
 
 
@@ -125,8 +129,7 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     root = Path(args.root)
     if args.summary_only:
-        reports = {seed: json.loads((root / f"seed{seed}" / "report" / "report.json").read_text())
-                   for seed in args.seeds}
+        reports = {seed: read_report(root, seed) for seed in args.seeds}
     else:
         reports = {seed: run_seed(args.config, root, seed, args.study_args) for seed in args.seeds}
     table = summarize(reports)

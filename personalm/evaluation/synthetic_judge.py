@@ -56,14 +56,14 @@ class SyntheticJudge:
         for subset in subsets:
             spec = SUBSETS[subset]
             openings = [style_pattern(t, spec["style_slots"], OPENING_WORDS) for t in spec["styles"]]
+            templates = [style_pattern(t, spec["style_slots"]) for t in spec["styles"]]
             for community, ranking in zip(spec["communities"], spec.get("rankings", RANKINGS)):
                 name = f"r/{community}"
                 if name in self.rankings and (self.rankings[name], [p.pattern for p in self.openings[name]]) != \
                         (tuple(ranking), [p.pattern for p in openings]):
                     raise ValueError(f"synthetic judge: {name} has another taste in each of {list(subsets)}; "
                                      f"judge one of them at a time")
-                self.openings[name], self.rankings[name] = openings, tuple(ranking)
-                self.templates[name] = [style_pattern(t, spec["style_slots"]) for t in spec["styles"]]
+                self.openings[name], self.templates[name], self.rankings[name] = openings, templates, tuple(ranking)
         self.stats = {"no_style": {"a": 0, "b": 0}, "incomplete": {"a": 0, "b": 0}, "judged": 0}
 
     def style(self, community: str, text: str) -> Optional[int]:

@@ -167,10 +167,15 @@ def style_counts(result: dict) -> str:
             f"{stats['incomplete']['b']} of {b}'s")
 
 
+def _section(result: dict) -> str:
+    """One comparison's table in the report, with the synthetic judge's counts under it."""
+    counts = style_counts(result)
+    return (f"### {result['a'].capitalize()} vs {result['b']}\n\n{judging.format_table(result)}"
+            + (f"\n\nThe judge found {counts}." if counts else ""))
+
+
 def markdown(report: StudyReport) -> str:
-    sections = "\n\n".join(f"### {c['a'].capitalize()} vs {c['b']}\n\n{judging.format_table(c)}"
-                           + (f"\n\nThe judge found {style_counts(c)}." if style_counts(c) else "")
-                           for c in report.comparisons)
+    sections = "\n\n".join(_section(c) for c in report.comparisons)
     return f"""# personalm study report
 
 Subsets: {', '.join(report.subsets)}; base model: `{report.base_model}`; {report.data_note}.
